@@ -1,0 +1,46 @@
+"""vla_jax: Visual Representation Alignment for VLA fine-tuning in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vla_jax",
+    version="0.1.0",
+    description="Fine-tune vision-language-action models in JAX without blinding them.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vla_jax", "vla_jax.*"]),
+    install_requires=[
+        "jax>=0.4.35,<0.13",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "chex>=0.1.88,<0.2",
+        "ml_collections>=0.1.1,<2",
+        "ml_dtypes>=0.4",
+        "numpy>=1.26",
+        "tensorflow-cpu>=2.16,<2.22; platform_machine == 'x86_64'",
+        "tensorflow>=2.16,<2.22; platform_machine != 'x86_64'",
+        "tensorflow-datasets>=4.9.6,<5",
+        "sentencepiece>=0.2,<0.3",
+        "absl-py>=2",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # Parity tests compare against PyTorch reference implementations on the CPU.
+        # Install a CPU build of torch first (see README), or pip pulls a CUDA build.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch>=2.4",
+            "transformers>=4.46",
+            "timm>=1.0.9",
+            "safetensors>=0.4",
+        ],
+        "hf": ["tokenizers>=0.20"],
+        "tpu": ["jax[tpu]>=0.4.35,<0.13"],
+        "gpu": ["jax[cuda12]>=0.4.35,<0.13"],
+    },
+)

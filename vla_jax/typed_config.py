@@ -1,0 +1,54 @@
+"""Typed, validated model configurations built from plain mappings.
+
+Model hyper-parameters live in frozen dataclasses (one per model family) so that a typo
+or an inconsistent value fails before anything compiles, with a message naming the key.
+`from_mapping` turns an `ml_collections.ConfigDict` or a dict into such a dataclass.
+"""
+
+import dataclasses
+import difflib
+from typing import Any, Mapping, Type, TypeVar
+
+from vla_jax.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: Type[T], mapping: Mapping[str, Any] | None, where: str = "") -> T:
+  """Builds dataclass `cls` from `mapping`, rejecting unknown keys by name.
+
+  Args:
+    cls: a dataclass type whose fields are the allowed keys.
+    mapping: dict-like (dict or ConfigDict); None gives the defaults.
+    where: the config path shown in error messages, e.g. "model.llm".
+  """
+  if mapping is None:
+    mapping = {}
+  if hasattr(mapping, "to_dict"):
+    mapping = mapping.to_dict()
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  prefix = f"{where}." if where else ""
+  unknown = [k for k in mapping if k not in fields]
+  if unknown:
+    hints = []
+    for k in unknown:
+      close = difflib.get_close_matches(k, fields, n=1)
+      hints.append(f"'{prefix}{k}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
+    raise ConfigError(
+        f"Unknown config key(s) for {cls.__name__}: {', '.join(hints)}. "
+        f"Valid keys: {', '.join(sorted(fields))}.")
+  kwargs = {}
+  for key, value in mapping.items():
+    if isinstance(value, list):
+      value = tuple(value)
+    kwargs[key] = value
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    raise ConfigError(f"Cannot build {cls.__name__} from {prefix or 'config'}: {e}") from None
+
+
+def require(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless `condition`; used in `__post_init__` checks."""
+  if not condition:
+    raise ConfigError(message)
