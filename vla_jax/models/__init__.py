@@ -1,0 +1,5 @@
+"""Pure flax.linen model definitions: vision towers, the decoder LM, the VLA and its aligner.
+
+Modules here do no I/O: they take arrays and a typed config and return arrays plus an
+`out` dict of named intermediates. Checkpoint import lives in `vla_jax.weights`.
+"""
