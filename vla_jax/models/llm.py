@@ -1,0 +1,492 @@
+"""Decoder-only language model of the Llama and Gemma families, with cheap layer capture.
+
+One `LLM` module covers Llama-2 (OpenVLA's backbone) and Gemma-1 (PaliGemma's): pre-norm
+blocks of RMSNorm -> RoPE attention with grouped-query heads -> RMSNorm -> gated MLP. The
+families differ only where `config.family` says so: Gemma scales token embeddings by
+sqrt(width) in `embed` (not other inputs such as visual tokens, as big_vision and
+transformers >= 5 do), stores RMSNorm scales as offsets from one (`x * (1 + scale)`), uses a
+tanh-GELU gate and ties the output projection to the embedding table; Llama uses SiLU
+and a separate `lm_head`. Besides logits the model returns the final-normed hidden
+states and, on request, the residual stream after `capture_layer` blocks at a slice of
+positions (the visual tokens, for alignment) without stacking every layer's activations.
+
+Parameter names (frozen; the loaders in `vla_jax.weights.llm` target them):
+  embedder/input_embedding                      [V, D]
+  layers_{i}/... (looped) or layers/... (scanned, leading axis = depth):
+    pre_attention_norm/scale                    [D]
+    attn/q_proj/kernel                          [D, H * hd]   (+ /bias if attention_bias)
+    attn/k_proj/kernel, attn/v_proj/kernel      [D, K * hd]   (+ /bias if attention_bias)
+    attn/o_proj/kernel                          [H * hd, D]   (+ /bias if attention_bias)
+    pre_ffw_norm/scale                          [D]
+    mlp/gate_proj/kernel, mlp/up_proj/kernel    [D, F]
+    mlp/down_proj/kernel                        [F, D]
+  final_norm/scale                              [D]
+  lm_head/kernel                                [D, V]   (only when embeddings are untied)
+with V = vocab_size, D = width, H = num_heads, K = num_kv_heads, hd = head_dim,
+F = mlp_dim. Params are always float32; `config.dtype` is the compute dtype.
+"""
+
+import dataclasses
+import math
+import operator
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vla_jax.errors import CheckpointError, ConfigError, InputError
+from vla_jax.typed_config import from_mapping, require
+
+FAMILIES = ("llama", "gemma")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Masked attention logits: finite, so a row with no valid key gives uniform weights, not NaN.
+_MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """Hyper-parameters of a Llama- or Gemma-family decoder.
+
+  `num_kv_heads=None` means num_heads (no GQA); `head_dim=None` means width // num_heads;
+  `tie_embeddings=None` means the family default (Gemma tied, Llama untied). Read the
+  resolved values from `effective_num_kv_heads`, `effective_head_dim` and
+  `effective_tie_embeddings`. The Gemma-2 fields exist so that a Gemma-2 config fails
+  loudly instead of silently running as Gemma-1.
+  """
+  family: str = "llama"
+  vocab_size: int = 32000
+  width: int = 4096
+  depth: int = 32
+  num_heads: int = 32
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: Optional[bool] = None
+  max_position_embeddings: int = 4096
+  attention_bias: bool = False
+  scan: bool = False
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: str = "float32"
+  # Gemma-2 features, not implemented: must stay at their defaults.
+  attn_logit_softcapping: Optional[float] = None
+  final_logit_softcapping: Optional[float] = None
+  sliding_window: Optional[int] = None
+  query_pre_attn_scalar: Optional[float] = None
+  use_post_norms: bool = False
+
+  def __post_init__(self):
+    require(self.family in FAMILIES,
+            f"llm.family must be one of {FAMILIES}, got {self.family!r}.")
+    for key in ("vocab_size", "width", "depth", "num_heads", "mlp_dim",
+                "max_position_embeddings"):
+      value = getattr(self, key)
+      require(isinstance(value, int) and value > 0,
+              f"llm.{key} must be a positive integer, got {value!r}.")
+    if self.num_kv_heads is not None:
+      require(isinstance(self.num_kv_heads, int) and self.num_kv_heads > 0,
+              f"llm.num_kv_heads must be a positive integer or None, got {self.num_kv_heads!r}.")
+      require(self.num_heads % self.num_kv_heads == 0,
+              f"llm.num_heads ({self.num_heads}) must be a multiple of llm.num_kv_heads "
+              f"({self.num_kv_heads}): each key/value head serves a whole group of query heads.")
+    if self.head_dim is None:
+      require(self.width % self.num_heads == 0,
+              f"llm.width ({self.width}) must be divisible by llm.num_heads ({self.num_heads}) "
+              "when llm.head_dim is None; set llm.head_dim explicitly otherwise.")
+    else:
+      require(isinstance(self.head_dim, int) and self.head_dim > 0,
+              f"llm.head_dim must be a positive integer or None, got {self.head_dim!r}.")
+    require(self.effective_head_dim % 2 == 0,
+            f"llm.head_dim must be even for rotary embeddings, got {self.effective_head_dim}.")
+    require(self.rope_theta > 0, f"llm.rope_theta must be > 0, got {self.rope_theta}.")
+    require(self.norm_eps > 0, f"llm.norm_eps must be > 0, got {self.norm_eps}.")
+    require(self.dtype in DTYPES, f"llm.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+    require(self.remat_policy in REMAT_POLICIES,
+            f"llm.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}.")
+    gemma2 = {"attn_logit_softcapping": None, "final_logit_softcapping": None,
+              "sliding_window": None, "query_pre_attn_scalar": None, "use_post_norms": False}
+    for key, default in gemma2.items():
+      value = getattr(self, key)
+      require(value == default,
+              f"llm.{key}={value!r} is a Gemma-2 feature that is not implemented yet; leave it "
+              f"at {default!r} (Gemma-1 / PaliGemma-1 and Llama are supported).")
+
+  @property
+  def effective_num_kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def effective_head_dim(self) -> int:
+    return self.width // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def effective_tie_embeddings(self) -> bool:
+    if self.tie_embeddings is None:
+      return self.family == "gemma"
+    return self.tie_embeddings
+
+
+_PRESETS: Dict[str, Dict[str, Any]] = {
+    "llama2_7b": dict(family="llama", vocab_size=32000, width=4096, depth=32, num_heads=32,
+                      mlp_dim=11008, norm_eps=1e-5, max_position_embeddings=4096,
+                      tie_embeddings=False),
+    # OpenVLA pads Llama-2's vocabulary to a multiple of 64 (32000 -> 32064).
+    "openvla_llama2_7b": dict(family="llama", vocab_size=32064, width=4096, depth=32,
+                              num_heads=32, mlp_dim=11008, norm_eps=1e-5,
+                              max_position_embeddings=4096, tie_embeddings=False),
+    # PaliGemma-1's Gemma-2B.
+    "gemma_2b": dict(family="gemma", vocab_size=257216, width=2048, depth=18, num_heads=8,
+                     num_kv_heads=1, head_dim=256, mlp_dim=16384, norm_eps=1e-6,
+                     max_position_embeddings=8192, tie_embeddings=True),
+    "tiny_llama": dict(family="llama", vocab_size=256, width=64, depth=2, num_heads=4,
+                       num_kv_heads=2, mlp_dim=128, norm_eps=1e-5,
+                       max_position_embeddings=4096, tie_embeddings=False),
+    "tiny_gemma": dict(family="gemma", vocab_size=256, width=64, depth=2, num_heads=4,
+                       num_kv_heads=1, head_dim=32, mlp_dim=128, norm_eps=1e-6,
+                       max_position_embeddings=4096, tie_embeddings=True),
+}
+
+
+def llm_config(name: str, **overrides) -> LLMConfig:
+  """A named preset (`llama2_7b`, `openvla_llama2_7b`, `gemma_2b`, `tiny_*`) with overrides."""
+  if name not in _PRESETS:
+    raise ConfigError(f"Unknown LLM preset {name!r}; choose one of {sorted(_PRESETS)}.")
+  return from_mapping(LLMConfig, {**_PRESETS[name], **overrides}, where="llm")
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def causal_mask(input_mask: jax.Array) -> jax.Array:
+  """[B, T] bool (True = real token) -> [B, T, T] bool: query q may attend key k.
+
+  Causal (k <= q) and never to padding keys.
+  """
+  length = input_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  return causal[None] & input_mask.astype(jnp.bool_)[:, None, :]
+
+
+def prefix_lm_mask(input_mask: jax.Array, prefix_mask: jax.Array) -> jax.Array:
+  """Prefix-LM attention: [B, T] input_mask, [B, T] prefix_mask -> [B, T, T] bool.
+
+  Prefix tokens attend bidirectionally among the prefix; the other tokens attend the
+  prefix and, causally, each other; nobody attends padding. (big_vision's `mask_ar`
+  convention: token groups by cumulative count of non-prefix tokens.)
+  """
+  autoregressive = jnp.logical_not(prefix_mask.astype(jnp.bool_)).astype(jnp.int32)
+  group = jnp.cumsum(autoregressive, axis=1)
+  allowed = group[:, None, :] <= group[:, :, None]
+  return allowed & input_mask.astype(jnp.bool_)[:, None, :]
+
+
+def positions_from_mask(input_mask: jax.Array) -> jax.Array:
+  """[B, T] bool -> [B, T] int32 positions counting real tokens (0 at the first one).
+
+  Left padding gets position 0, so a left-padded row sees the same positions as unpadded.
+  """
+  positions = jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1
+  return jnp.maximum(positions, 0).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF "rotate half" layout: x [B, T, N, hd], positions [B, T]."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  first, second = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32; Gemma scales by (1 + scale), Llama by scale."""
+  family: str
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    gemma = self.family == "gemma"
+    init = nn.initializers.zeros if gemma else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    if gemma:
+      return (normed * (1.0 + scale)).astype(x.dtype)
+    # Llama rounds to the compute dtype before the scale (as HF does).
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with RoPE and grouped key/value heads."""
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x, attn_mask, positions):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.effective_num_kv_heads, cfg.effective_head_dim
+    batch, length, _ = x.shape
+    dense = lambda features, name: nn.Dense(
+        features, use_bias=cfg.attention_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+    q = dense(heads * head_dim, "q_proj")(x).reshape(batch, length, heads, head_dim)
+    k = dense(kv_heads * head_dim, "k_proj")(x).reshape(batch, length, kv_heads, head_dim)
+    v = dense(kv_heads * head_dim, "v_proj")(x).reshape(batch, length, kv_heads, head_dim)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta)
+    # Query head h reads kv head h // group (HF's repeat_kv order), so split H = K * G.
+    group = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, group, head_dim) * jnp.asarray(head_dim ** -0.5, dtype)
+    logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k).astype(jnp.float32)
+    logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    encoded = jnp.einsum("bkgqs,bskh->bqkgh", probs, v).reshape(batch, length, heads * head_dim)
+    return dense(x.shape[-1], "o_proj")(encoded)
+
+
+class MLP(nn.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)); SiLU for Llama, tanh-GELU for Gemma."""
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    dense = lambda features, name: nn.Dense(
+        features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name)
+    gate = dense(cfg.mlp_dim, "gate_proj")(x)
+    if cfg.family == "gemma":
+      gate = nn.gelu(gate, approximate=True)
+    else:
+      gate = nn.silu(gate)
+    return dense(x.shape[-1], "down_proj")(gate * dense(cfg.mlp_dim, "up_proj")(x))
+
+
+class Block(nn.Module):
+  """One decoder block, written as a scan body over carry (x, captured, blocks_done).
+
+  `captured` is None unless a scanned model captures a layer: then it is a [B, count, D]
+  buffer overwritten (by a select on the traced counter) when `blocks_done` reaches
+  `capture_layer`. Returns (new carry, x if `emit_hidden` else None).
+  """
+  config: LLMConfig
+  capture_layer: Optional[int] = None
+  capture_start: int = 0
+  emit_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, carry, attn_mask, positions):
+    cfg = self.config
+    x, captured, blocks_done = carry
+    h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_attention_norm")(x)
+    x = x + Attention(cfg, name="attn")(h, attn_mask, positions)
+    h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_ffw_norm")(x)
+    x = x + MLP(cfg, name="mlp")(h)
+    blocks_done = blocks_done + 1
+    if captured is not None:
+      window = jax.lax.slice_in_dim(x, self.capture_start,
+                                    self.capture_start + captured.shape[1], axis=1)
+      captured = jnp.where(blocks_done == self.capture_layer, window, captured)
+    return (x, captured, blocks_done), (x if self.emit_hidden else None)
+
+
+class Embedder(nn.Module):
+  """The token embedding table `input_embedding` [V, D], also the tied output layer."""
+  vocab_size: int
+  width: int
+
+  def setup(self):
+    self.input_embedding = self.param(
+        "input_embedding", nn.initializers.normal(stddev=self.width ** -0.5),
+        (self.vocab_size, self.width), jnp.float32)
+
+  def encode(self, tokens):
+    return self.input_embedding[tokens]
+
+  def decode(self, x):
+    return x @ self.input_embedding.astype(x.dtype).T
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LLM(nn.Module):
+  """Llama/Gemma decoder. `embed` looks tokens up; `__call__` runs the stack on embeddings."""
+  config: LLMConfig
+
+  def setup(self):
+    self.embedder = Embedder(self.config.vocab_size, self.config.width)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """[B, T] int32 -> [B, T, D] token embeddings in the compute dtype.
+
+    Gemma multiplies token rows by sqrt(width) here; embeddings of other inputs (a VLA's
+    visual tokens) enter `__call__` unscaled, as in big_vision and transformers >= 5.
+    """
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
+    dtype = jnp.dtype(self.config.dtype)
+    x = self.embedder.encode(tokens).astype(dtype)
+    if self.config.family == "gemma":
+      x = x * jnp.asarray(math.sqrt(self.config.width), dtype)  # HF rounds the scale to dtype too.
+    return x
+
+  def _check_inputs(self, embeddings, attn_mask, positions, capture_layer, capture_slice):
+    cfg = self.config
+    if embeddings.ndim != 3 or embeddings.shape[-1] != cfg.width:
+      raise InputError(f"embeddings must be [batch, length, {cfg.width}] (llm.width); got "
+                       f"shape {tuple(embeddings.shape)}. Embed token ids with LLM.embed.")
+    batch, length, _ = embeddings.shape
+    if length > cfg.max_position_embeddings:
+      raise InputError(f"sequence length {length} exceeds llm.max_position_embeddings "
+                       f"({cfg.max_position_embeddings}); shorten the input or raise the limit.")
+    if attn_mask is not None:
+      if tuple(attn_mask.shape) != (batch, length, length) or attn_mask.dtype != jnp.bool_:
+        raise InputError(f"attn_mask must be bool [{batch}, {length}, {length}] (query, key); "
+                         f"got {attn_mask.dtype} {tuple(attn_mask.shape)}. Build it with "
+                         "causal_mask or prefix_lm_mask.")
+    if positions is not None and tuple(positions.shape) != (batch, length):
+      raise InputError(f"positions must be [{batch}, {length}] ints; got shape "
+                       f"{tuple(positions.shape)}. Use positions_from_mask(input_mask).")
+    if capture_slice is None:
+      capture_slice = (0, length)
+    try:
+      start, count = (operator.index(v) for v in capture_slice)
+    except (TypeError, ValueError):
+      raise InputError(f"capture_slice must be a static (start, count) pair of ints; got "
+                       f"{capture_slice!r}.") from None
+    if capture_layer is not None:
+      try:
+        capture_layer = operator.index(capture_layer)
+      except TypeError:
+        pass  # not an int (e.g. a tracer): rejected just below.
+      if not isinstance(capture_layer, int) or not 0 <= capture_layer <= cfg.depth:
+        raise InputError(f"capture_layer must be a static int in [0, {cfg.depth}] (0 = input "
+                         f"embeddings, k = output of block k, llm.depth = {cfg.depth}); got "
+                         f"{capture_layer!r}.")
+      if not (0 <= start and 0 < count and start + count <= length):
+        raise InputError(f"capture_slice=(start={start}, count={count}) must lie inside the "
+                         f"{length} positions of the sequence (start >= 0, count >= 1, "
+                         "start + count <= length).")
+    return capture_layer, (start, count)
+
+  @nn.compact
+  def __call__(self, embeddings: jax.Array, *, attn_mask: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None, capture_layer: Optional[int] = None,
+               capture_slice: Optional[Tuple[int, int]] = None,
+               return_all_hidden: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Runs the decoder on embeddings.
+
+    Args:
+      embeddings: [B, T, D] input embeddings (text rows from `embed`, or visual tokens);
+        used as given (Gemma's sqrt(D) scale is applied by `embed`).
+      attn_mask: [B, T, T] bool (query, key); None = causal over all T.
+      positions: [B, T] int32 RoPE positions; None = arange(T).
+      capture_layer: static; return the residual stream after this many blocks
+        (0 = input embeddings, depth = last block's output before the final norm).
+      capture_slice: static (start, count) positions to capture; None = (0, T).
+      return_all_hidden: also return all depth + 1 residual streams (analysis only).
+    Returns:
+      logits [B, T, V] float32, and out with "final_hidden" [B, T, D] (final-normed),
+      "captured" [B, count, D] if capture_layer is set, "hidden" [depth + 1, B, T, D] if
+      return_all_hidden (entry depth is before the final norm).
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    capture_layer, capture_slice = self._check_inputs(
+        embeddings, attn_mask, positions, capture_layer, capture_slice)
+    batch, length, _ = embeddings.shape
+    if attn_mask is None:
+      attn_mask = causal_mask(jnp.ones((batch, length), jnp.bool_))
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    x = embeddings.astype(dtype)
+    x_in = x
+    start, count = capture_slice
+    captured = x[:, start:start + count] if capture_layer is not None else None
+
+    block = Block
+    if cfg.remat:
+      block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                       prevent_cse=not cfg.scan)
+    blocks_done = jnp.zeros((), jnp.int32)
+    if cfg.scan:
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.depth)(
+                           cfg, capture_layer=capture_layer, capture_start=start,
+                           emit_hidden=return_all_hidden, name="layers")
+      (x, captured, _), stacked = layers((x, captured, blocks_done), attn_mask, positions)
+      if return_all_hidden:
+        all_hidden = jnp.concatenate([x_in[None], stacked], axis=0)
+    else:
+      hidden = [x_in]
+      for i in range(cfg.depth):
+        (x, _, _), _ = block(cfg, name=f"layers_{i}")((x, None, blocks_done),
+                                                       attn_mask, positions)
+        if capture_layer == i + 1:
+          captured = x[:, start:start + count]
+        if return_all_hidden:
+          hidden.append(x)
+      if return_all_hidden:
+        all_hidden = jnp.stack(hidden, axis=0)
+
+    if self.is_initializing():
+      # Untied models never read the table in __call__; `init` must still create it.
+      self.embedder.encode(jnp.zeros((1, 1), jnp.int32))
+    final_hidden = RMSNorm(cfg.family, cfg.norm_eps, name="final_norm")(x)
+    if cfg.effective_tie_embeddings:
+      logits = self.embedder.decode(final_hidden)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                        name="lm_head")(final_hidden)
+    out = {"final_hidden": final_hidden}
+    if capture_layer is not None:
+      out["captured"] = captured
+    if return_all_hidden:
+      out["hidden"] = all_hidden
+    return logits.astype(jnp.float32), out
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def scan_to_loop(params: Dict[str, Any], depth: int) -> Dict[str, Any]:
+  """LLM params with scanned `layers` (leading axis depth) -> looped `layers_{i}`.
+
+  `params` is the LLM's params collection (what `variables["params"]` holds).
+  """
+  if "layers" not in params:
+    raise CheckpointError(f"scan_to_loop expects a scanned LLM params tree with a 'layers' "
+                          f"entry; got keys {sorted(params)}. Is it already looped?")
+  layers = params["layers"]
+  for leaf in jax.tree.leaves(layers):
+    if leaf.shape[:1] != (depth,):
+      raise CheckpointError(f"scanned 'layers' leaves must have leading axis depth={depth}; "
+                            f"found shape {tuple(leaf.shape)}. Pass the config's depth.")
+  looped = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(depth):
+    looped[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
+  return looped
+
+
+def loop_to_scan(params: Dict[str, Any], depth: int) -> Dict[str, Any]:
+  """LLM params with looped `layers_{i}` -> scanned `layers` stacked on axis 0."""
+  names = [f"layers_{i}" for i in range(depth)]
+  missing = [n for n in names if n not in params]
+  extra = sorted(k for k in params if k.startswith("layers_") and k not in names)
+  if missing or extra:
+    raise CheckpointError(f"loop_to_scan expects looped entries layers_0..layers_{depth - 1}; "
+                          f"missing {missing}, unexpected {extra}. Check depth (or is it "
+                          "already scanned?).")
+  scanned = {k: v for k, v in params.items() if k not in names}
+  scanned["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  return scanned
