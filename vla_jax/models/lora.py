@@ -1,0 +1,314 @@
+"""LoRA as a pure transform of a parameter pytree, for any Flax model.
+
+Instead of wrapping modules, LoRA factors live in their own small tree keyed by the
+`/`-joined path of the kernel they adapt, and `apply_lora` returns the effective
+parameters `kernel + (alpha / rank) * A @ B` (reshaped to the kernel's layout) that the
+unchanged model is then applied with. The base params stay frozen and the LoRA tree is
+what the optimizer trains, so "LoRA or full fine-tune" is a choice of trainable set,
+not a code path. `merge` / `unmerge` fold the factors into the kernels and back.
+
+A kernel of shape [*layers, *in, *out] is seen as an [in, out] matrix: `layers` is a
+leading scan axis (scanned blocks get one A/B pair per layer), `in` defaults to the
+first remaining axis and can be overridden per path (attention output kernels
+[heads, head_dim, D] take two input axes; Gemma's einsum weights put the input axis
+elsewhere). Materialising W + dW costs one kernel-sized temporary per adapted kernel;
+XLA fuses it into the consumer where it can.
+"""
+
+import dataclasses
+import math
+import re
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vla_jax.errors import ConfigError, InputError
+from vla_jax.typed_config import require
+
+INITS = ("gaussian", "kaiming")
+
+# (regex on the kernel path, input axes counted after the layer axis). First match wins.
+DEFAULT_IN_AXES: Tuple[Tuple[str, Tuple[int, ...]], ...] = (
+    (r"(^|/)out/kernel$", (0, 1)),  # flax MultiHeadDotProductAttention: [heads, head_dim, D]
+    (r"(^|/)attn_vec_einsum/w$", (0, 1)),  # Gemma attention output: [heads, head_dim, D]
+    (r"(^|/)q_einsum/w$", (1,)),  # Gemma query: [heads, D, head_dim]
+    (r"(^|/)kv_einsum/w$", (2,)),  # Gemma key/value: [2, kv_heads, D, head_dim]
+    (r"(^|/)qkv_einsum/w$", (2,)),  # Gemma fused: [3, heads, D, head_dim]
+)
+
+# A scanned stack of blocks is a node literally named `layers`, `encoderblock` or
+# `blocks` (looped layouts name them `layers_0`, `encoderblock_0`, ...).
+DEFAULT_LAYER_AXIS_REGEX = r"(^|/)(layers|encoderblock|blocks)/"
+
+_SHOW = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Which kernels get LoRA factors, and how (defaults: the paper's rank 32, alpha 16).
+
+  Attributes:
+    rank: r, the inner dimension of A [in, r] and B [r, out].
+    alpha: the delta is scaled by alpha / rank.
+    dropout: rate of dropout on the LoRA path (rows of A, i.e. its input features;
+      one mask per call, shared by the batch); only when not deterministic.
+    init: "gaussian" (A ~ N(0, (1/rank)^2), PEFT's `init_lora_weights="gaussian"`) or
+      "kaiming" (A ~ U(-1/sqrt(in), 1/sqrt(in)), PEFT's default); B is always zero so
+      the adapted model starts equal to the base model.
+    target_regex: `re.search`ed in each candidate kernel's `/`-joined path.
+    kernel_names: leaf names that are candidate kernels (with >= 2 non-layer axes).
+    in_axes: ((path regex, input axes), ...) overrides of which non-layer axes are
+      the matrix input; the first matching regex wins, default (0,).
+    layer_axis_regex: paths matching it have a leading scanned layer axis.
+  """
+  rank: int = 32
+  alpha: float = 16.0
+  dropout: float = 0.0
+  init: str = "gaussian"
+  target_regex: str = r".*"
+  kernel_names: Tuple[str, ...] = ("kernel", "w")
+  in_axes: Tuple[Tuple[str, Tuple[int, ...]], ...] = DEFAULT_IN_AXES
+  layer_axis_regex: str = DEFAULT_LAYER_AXIS_REGEX
+
+  def __post_init__(self):
+    require(isinstance(self.rank, int) and self.rank > 0,
+            f"lora.rank must be a positive int, got {self.rank!r}.")
+    require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha!r}.")
+    require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
+    require(self.init in INITS, f"lora.init must be one of {INITS}, got {self.init!r}.")
+    for key in ("target_regex", "layer_axis_regex"):
+      _compile(getattr(self, key), f"lora.{key}")
+    # Configs built from JSON/ConfigDicts give lists; normalise to hashable tuples.
+    try:
+      in_axes = tuple((str(regex), tuple(int(a) for a in axes)) for regex, axes in self.in_axes)
+    except (TypeError, ValueError):
+      raise ConfigError(f"lora.in_axes must be a sequence of (path regex, (axis, ...)) pairs, "
+                        f"got {self.in_axes!r}.") from None
+    for regex, axes in in_axes:
+      _compile(regex, "lora.in_axes")
+      require(len(axes) > 0 and len(set(axes)) == len(axes),
+              f"lora.in_axes entry {regex!r} needs distinct input axes, got {axes}.")
+    object.__setattr__(self, "in_axes", in_axes)
+    object.__setattr__(self, "kernel_names", tuple(self.kernel_names))
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def _compile(regex: str, key: str) -> "re.Pattern":
+  try:
+    return re.compile(regex)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f"{key} is not a valid regular expression: {regex!r} ({e}).") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTarget:
+  """How one kernel is viewed as a matrix: axes are absolute indices into its shape."""
+  path: str
+  shape: Tuple[int, ...]
+  layer_axes: Tuple[int, ...]
+  in_axes: Tuple[int, ...]
+  out_axes: Tuple[int, ...]
+
+  @property
+  def in_size(self) -> int:
+    return math.prod(self.shape[a] for a in self.in_axes)
+
+  @property
+  def out_size(self) -> int:
+    return math.prod(self.shape[a] for a in self.out_axes)
+
+  @property
+  def layer_shape(self) -> Tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.layer_axes)
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A jax key path -> "a/b/kernel"."""
+  return "/".join(_key_name(k) for k in path)
+
+
+def _candidates(params: Any, config: LoraConfig) -> Dict[str, Tuple[int, ...]]:
+  """Every kernel LoRA could adapt: path -> shape."""
+  layer_re = re.compile(config.layer_axis_regex)
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = path_str(path)
+    if not path or _key_name(path[-1]) not in config.kernel_names:
+      continue
+    layer_dims = 1 if layer_re.search(name) else 0
+    if np.ndim(leaf) - layer_dims >= 2:
+      found[name] = tuple(np.shape(leaf))
+  return found
+
+
+def _target(path: str, shape: Tuple[int, ...], config: LoraConfig) -> LoraTarget:
+  layer_dims = 1 if re.search(config.layer_axis_regex, path) else 0
+  rank = len(shape) - layer_dims
+  relative = (0,)
+  for regex, axes in config.in_axes:
+    if re.search(regex, path):
+      relative = axes
+      bad = [a for a in axes if not -rank <= a < rank]
+      if bad or len(axes) >= rank:
+        raise ConfigError(
+            f"lora.in_axes entry {regex!r} gives input axes {axes} for '{path}' of shape "
+            f"{shape} ({layer_dims} layer axis); they must leave at least one output axis "
+            f"among its {rank} non-layer axes. Narrow the regex or fix the axes.")
+      break
+  in_axes = tuple(sorted(layer_dims + (a % rank) for a in relative))
+  out_axes = tuple(a for a in range(layer_dims, len(shape)) if a not in in_axes)
+  return LoraTarget(path, shape, tuple(range(layer_dims)), in_axes, out_axes)
+
+
+def lora_targets(params: Any, config: LoraConfig) -> Dict[str, LoraTarget]:
+  """The kernels `config` adapts, path -> LoraTarget (sorted by path).
+
+  Raises ConfigError listing a few candidate kernel paths when `target_regex`
+  matches none of them.
+  """
+  candidates = _candidates(params, config)
+  target_re = re.compile(config.target_regex)
+  chosen = sorted(p for p in candidates if target_re.search(p))
+  if not chosen:
+    shown = ", ".join(sorted(candidates)[:_SHOW]) or "(none)"
+    more = f", ... ({len(candidates) - _SHOW} more)" if len(candidates) > _SHOW else ""
+    raise ConfigError(
+        f"lora.target_regex {config.target_regex!r} matches none of the {len(candidates)} "
+        f"candidate kernels (leaves named {config.kernel_names} with >= 2 non-layer axes). "
+        f"Available: {shown}{more}. Use a regex that matches some of these paths.")
+  return {p: _target(p, candidates[p], config) for p in chosen}
+
+
+def init_lora(key: jax.Array, params: Any, config: LoraConfig) -> Dict[str, Dict[str, jax.Array]]:
+  """Fresh LoRA factors for every targeted kernel of `params`.
+
+  Returns:
+    {kernel path: {"a": [*L, in, rank], "b": [*L, rank, out]}} in float32, where L is
+    the layer axis of scanned kernels (absent otherwise) and in/out are the flattened
+    input/output sizes. B is zero, so `apply_lora` initially returns `params` unchanged.
+  """
+  lora = {}
+  for i, (path, target) in enumerate(lora_targets(params, config).items()):
+    a_shape = target.layer_shape + (target.in_size, config.rank)
+    b_shape = target.layer_shape + (config.rank, target.out_size)
+    sub = jax.random.fold_in(key, i)
+    if config.init == "gaussian":
+      a = jax.random.normal(sub, a_shape, jnp.float32) / config.rank
+    else:
+      bound = 1.0 / math.sqrt(target.in_size)
+      a = jax.random.uniform(sub, a_shape, jnp.float32, -bound, bound)
+    lora[path] = {"a": a, "b": jnp.zeros(b_shape, jnp.float32)}
+  return lora
+
+
+def _delta(target: LoraTarget, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """scale * A @ B [*L, in, out] laid out like the kernel [*shape] (float32)."""
+  delta = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST)
+  shape = target.shape
+  grouped = (target.layer_shape + tuple(shape[x] for x in target.in_axes)
+             + tuple(shape[x] for x in target.out_axes))
+  order = target.layer_axes + target.in_axes + target.out_axes
+  return jnp.transpose(delta.reshape(grouped), np.argsort(order))
+
+
+def _check_factors(targets: Dict[str, LoraTarget], lora_params: Dict[str, Any],
+                   config: LoraConfig) -> None:
+  unknown = sorted(set(lora_params) - set(targets))
+  if unknown:
+    raise InputError(
+        f"LoRA factors for {unknown[:_SHOW]} have no matching targeted kernel in params "
+        f"(targeted: {sorted(targets)[:_SHOW]}...). Use the LoraConfig and params the "
+        f"factors were made with (init_lora).")
+  for path, factors in lora_params.items():
+    t = targets[path]
+    want_a = t.layer_shape + (t.in_size, config.rank)
+    want_b = t.layer_shape + (config.rank, t.out_size)
+    got_a, got_b = tuple(np.shape(factors["a"])), tuple(np.shape(factors["b"]))
+    if got_a != want_a or got_b != want_b:
+      raise InputError(
+          f"LoRA factors for '{path}' (kernel {t.shape}) should be a {want_a}, b {want_b}; "
+          f"got a {got_a}, b {got_b}. Were they made with another rank or in_axes?")
+
+
+def _add_deltas(params: Any, lora_params: Dict[str, Any], config: LoraConfig, sign: float,
+                rng: Optional[jax.Array], dropout: float) -> Any:
+  targets = lora_targets(params, config)
+  _check_factors(targets, lora_params, config)
+  index = {p: i for i, p in enumerate(sorted(lora_params))}
+
+  def update(path, kernel):
+    name = path_str(path)
+    if name not in lora_params:
+      return kernel
+    a, b = lora_params[name]["a"], lora_params[name]["b"]
+    if dropout > 0.0:
+      # Dropping input features of the LoRA path == dropping rows of A.
+      keep = jax.random.bernoulli(jax.random.fold_in(rng, index[name]), 1.0 - dropout,
+                                  a.shape[:-1] + (1,))
+      a = jnp.where(keep, a / (1.0 - dropout), 0.0)
+    delta = _delta(targets[name], a, b, config.scale)
+    return (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+
+  return jax.tree_util.tree_map_with_path(update, params)
+
+
+def apply_lora(params: Any, lora_params: Dict[str, Any], config: LoraConfig, *,
+               rng: Optional[jax.Array] = None, deterministic: bool = True) -> Any:
+  """Effective params: each targeted kernel + (alpha / rank) * reshape(A @ B).
+
+  Args:
+    params: the (frozen) base parameter tree; any pytree of arrays.
+    lora_params: `init_lora`'s tree (the trainable part).
+    config: the LoraConfig the factors were made with.
+    rng: dropout key, needed when `not deterministic and config.dropout > 0`.
+    deterministic: no dropout when True.
+
+  Returns:
+    A tree with the structure and dtypes of `params`.
+  """
+  dropout = 0.0 if deterministic else config.dropout
+  if dropout > 0.0 and rng is None:
+    raise InputError(f"apply_lora with lora.dropout={config.dropout} and deterministic=False "
+                     f"needs an rng key; pass rng=... or deterministic=True.")
+  return _add_deltas(params, lora_params, config, +1.0, rng, dropout)
+
+
+def merge(params: Any, lora_params: Dict[str, Any], config: LoraConfig) -> Any:
+  """Folds the factors into the kernels (deterministic apply_lora), e.g. for export."""
+  return _add_deltas(params, lora_params, config, +1.0, None, 0.0)
+
+
+def unmerge(merged: Any, lora_params: Dict[str, Any], config: LoraConfig) -> Any:
+  """Inverse of `merge`: subtracts exactly the delta `merge` added."""
+  return _add_deltas(merged, lora_params, config, -1.0, None, 0.0)
+
+
+def lora_mask(params: Any, config: LoraConfig) -> Any:
+  """Tree of bools like `params`: True at the kernels `config` adapts.
+
+  The trainable set is a mask: with a train state holding {"base": params, "lora":
+  lora_params}, a LoRA run masks the optimizer with
+  `{"base": jax.tree.map(lambda _: False, params), "lora": jax.tree.map(lambda _: True,
+  lora_params)}`; this mask says which base kernels those factors modify (e.g. to
+  fine-tune exactly the LoRA-targeted kernels in full instead).
+  """
+  targets = lora_targets(params, config)
+  return jax.tree_util.tree_map_with_path(lambda path, _: path_str(path) in targets, params)
+
+
+def count_params(lora_params: Dict[str, Any]) -> int:
+  """Number of trainable LoRA parameters."""
+  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(lora_params))
