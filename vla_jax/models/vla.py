@@ -1,0 +1,328 @@
+"""VLA students: vision tower(s) -> projector -> decoder LLM, with explicit visual tokens.
+
+Two published layouts share this code:
+
+* `openvla` (Prismatic): DINOv2 ViT-L/14 (4 registers) and SigLIP So400m/14 towers read
+  the same 224 px image; each contributes the patch tokens of its second-to-last block
+  (so the towers are built with one block fewer than their checkpoints), concatenated
+  per patch; a 3-layer GELU MLP projects them to the LLM width; the visual tokens sit
+  right after BOS: `[BOS, v_1..v_N, text...]`; plain causal attention.
+* `paligemma`: SigLIP So400m/14 (last block, final norm) -> one linear projection ->
+  Gemma; image tokens first: `[v_1..v_N, BOS, prefix..., suffix...]`; prefix-LM mask
+  (image + prefix attend bidirectionally, the suffix causally); positions start at 1.
+
+`VLA.__call__` returns the logits over the full sequence, the residual stream of the
+LLM at `align_layer` restricted to the visual tokens (for alignment, captured in the
+same forward pass), and the positions of the visual tokens. Images come in as
+`[B, H, W, 3]` floats in [0, 1] (or uint8); each tower applies its own pixel
+normalisation here, so training, evaluation and serving cannot disagree on it.
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vla_jax.errors import ConfigError, InputError
+from vla_jax.models import dinov2 as dinov2_lib
+from vla_jax.models import llm as llm_lib
+from vla_jax.models import vit as vit_lib
+from vla_jax.typed_config import from_mapping, require
+
+# Pixel statistics of the towers' pretraining (SigLIP maps [0, 1] to [-1, 1]).
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+ARCHS = ("openvla", "paligemma")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLAConfig:
+  """A VLA student: which layout, and the configs of its parts.
+
+  Attributes:
+    arch: "openvla" or "paligemma" (see the module docstring).
+    llm: the decoder LM.
+    siglip: the SigLIP tower (both layouts).
+    dino: OpenVLA's fused DINOv2 tower; None gives a SigLIP-only Prismatic model.
+    image_size: input resolution in pixels; both towers must see the same patch grid.
+  """
+  arch: str
+  llm: llm_lib.LLMConfig
+  siglip: vit_lib.ViTConfig
+  dino: Optional[dinov2_lib.DinoV2Config] = None
+  image_size: int = 224
+
+  def __post_init__(self):
+    require(self.arch in ARCHS, f"model.arch={self.arch!r}; expected one of {ARCHS}.")
+    require(self.siglip.image_size == self.image_size,
+            f"model.siglip.image_size={self.siglip.image_size} but model.image_size="
+            f"{self.image_size}; set them equal.")
+    if self.arch == "paligemma":
+      require(self.dino is None, "model.dino must be None for arch='paligemma'.")
+      require(self.llm.family == "gemma", "arch='paligemma' needs a Gemma LLM "
+              f"(model.llm.family='gemma'), got {self.llm.family!r}.")
+    if self.dino is not None:
+      require(self.dino.image_size == self.image_size,
+              f"model.dino.image_size={self.dino.image_size} but model.image_size="
+              f"{self.image_size}; set them equal.")
+      require(self.dino.image_size // self.dino.patch_size
+              == self.siglip.image_size // self.siglip.patch_size,
+              "the DINOv2 and SigLIP towers must produce the same patch grid; got "
+              f"{self.dino.image_size // self.dino.patch_size} vs "
+              f"{self.siglip.image_size // self.siglip.patch_size} patches per side.")
+
+  @property
+  def grid(self) -> int:
+    """Patches per side of the visual-token grid."""
+    return self.image_size // self.siglip.patch_size
+
+  @property
+  def num_visual_tokens(self) -> int:
+    return self.grid * self.grid
+
+  @property
+  def visual_start(self) -> int:
+    """Sequence index of the first visual token (1 = after BOS for OpenVLA)."""
+    return 1 if self.arch == "openvla" else 0
+
+  @property
+  def vision_width(self) -> int:
+    return self.siglip.width + (self.dino.width if self.dino is not None else 0)
+
+
+def vla_config_from_mapping(mapping) -> VLAConfig:
+  """Builds a VLAConfig from a nested mapping {arch, image_size, llm: {...}, siglip:..., dino:...}."""
+  mapping = dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
+  allowed = {f.name for f in dataclasses.fields(VLAConfig)}
+  unknown = sorted(set(mapping) - allowed)
+  if unknown:
+    raise ConfigError(f"Unknown config key(s) model.{', model.'.join(unknown)}; valid keys: "
+                      f"{', '.join(sorted(allowed))}.")
+  parts = dict(
+      llm=from_mapping(llm_lib.LLMConfig, mapping.pop("llm", None), "model.llm"),
+      siglip=from_mapping(vit_lib.ViTConfig, mapping.pop("siglip", None), "model.siglip"))
+  dino = mapping.pop("dino", None)
+  parts["dino"] = None if dino is None else from_mapping(dinov2_lib.DinoV2Config, dino,
+                                                         "model.dino")
+  return VLAConfig(**mapping, **parts)
+
+
+def _normalize(images, mean, std, dtype):
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  return ((images - mean) / std).astype(dtype)
+
+
+class OpenVLAProjector(nn.Module):
+  """Prismatic's fused-backbone projector: fc1 -> GELU -> fc2 -> GELU -> fc3 (exact GELU)."""
+  vision_width: int
+  llm_width: int
+  fused: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, N, vision_width] -> [B, N, llm_width]."""
+    if self.fused:
+      x = nn.Dense(4 * self.vision_width, dtype=self.dtype, name="fc1")(x)
+      x = nn.gelu(x, approximate=False)
+      x = nn.Dense(self.llm_width, dtype=self.dtype, name="fc2")(x)
+      x = nn.gelu(x, approximate=False)
+      return nn.Dense(self.llm_width, dtype=self.dtype, name="fc3")(x)
+    x = nn.Dense(self.llm_width, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(self.llm_width, dtype=self.dtype, name="fc2")(x)
+
+
+class PaliGemmaProjector(nn.Module):
+  """PaliGemma's single linear map from SigLIP width to Gemma width."""
+  llm_width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, N, vision_width] -> [B, N, llm_width]."""
+    return nn.Dense(self.llm_width, dtype=self.dtype, name="linear")(x)
+
+
+class VLA(nn.Module):
+  """A vision-language-action student (OpenVLA or PaliGemma layout).
+
+  Parameters: `siglip` (ViT, big_vision names), `dino` (OpenVLA only), `projector`
+  (`fc1..fc3` for OpenVLA, `linear` for PaliGemma), `llm`.
+  """
+  config: VLAConfig
+
+  def setup(self):
+    cfg = self.config
+    self.siglip = vit_lib.ViT(cfg.siglip)
+    self.dino = dinov2_lib.DinoV2(cfg.dino) if cfg.dino is not None else None
+    dtype = jnp.dtype(cfg.llm.dtype)
+    if cfg.arch == "openvla":
+      self.projector = OpenVLAProjector(cfg.vision_width, cfg.llm.width,
+                                        fused=cfg.dino is not None, dtype=dtype)
+    else:
+      self.projector = PaliGemmaProjector(cfg.llm.width, dtype=dtype)
+    self.llm = llm_lib.LLM(cfg.llm)
+
+  def _check_images(self, images):
+    cfg = self.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise InputError(f"images must be [batch, height, width, 3] RGB; got shape "
+                       f"{tuple(images.shape)}. Convert grayscale/RGBA images to RGB.")
+    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+      raise InputError(
+          f"images are {images.shape[1]}x{images.shape[2]} px but the model expects "
+          f"{cfg.image_size}x{cfg.image_size}. Resize them in the input pipeline, or build "
+          "the model with model.image_size set to the data's resolution.")
+    if jnp.issubdtype(images.dtype, jnp.integer):
+      images = images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+  def encode_images(self, images):
+    """Visual tokens in LLM space.
+
+    Args:
+      images: [B, H, W, 3], floats in [0, 1] or uint8.
+    Returns:
+      [B, N, llm_width] projected visual tokens, N = config.num_visual_tokens.
+    """
+    cfg = self.config
+    images = self._check_images(images)
+    siglip_in = _normalize(images, SIGLIP_MEAN, SIGLIP_STD, jnp.dtype(cfg.siglip.dtype))
+    _, siglip_out = self.siglip(siglip_in)
+    if cfg.arch == "openvla":
+      # Prismatic reads the second-to-last block; the tower is built without the last one.
+      features = siglip_out[f"block{cfg.siglip.depth - 1:02d}"]
+      if self.dino is not None:
+        dino_in = _normalize(images, IMAGENET_MEAN, IMAGENET_STD, jnp.dtype(cfg.dino.dtype))
+        _, dino_out = self.dino(dino_in)
+        prefix = dinov2_lib.DinoV2.num_prefix_tokens(cfg.dino)
+        dino_patches = dino_out[f"block{cfg.dino.depth - 1:02d}"][:, prefix:]
+        features = jnp.concatenate([dino_patches.astype(features.dtype), features], axis=-1)
+    else:
+      features = siglip_out["encoded"]
+    return self.projector(features)
+
+  def __call__(self, images, tokens, input_mask=None, *, prefix_mask=None,
+               align_layer: Optional[int] = None,
+               return_all_hidden: bool = False) -> Dict[str, Any]:
+    """Forward pass over images and text.
+
+    Args:
+      images: [B, H, W, 3] in [0, 1] (or uint8).
+      tokens: [B, T] int32 text tokens, starting with BOS (no image placeholders).
+      input_mask: [B, T] bool, True at real (non-padding) tokens; None = all real.
+      prefix_mask: [B, T] bool, PaliGemma only: True at prefix tokens (bidirectional);
+        None = the whole text is prefix.
+      align_layer: capture the LLM residual stream after this many blocks (HF
+        `hidden_states[k]` convention) at the visual positions; None = no capture.
+      return_all_hidden: also return every layer's hidden states (analysis only).
+    Returns:
+      dict with "logits" [B, S, V] (S = T + N), "align_hidden" [B, N, D] (if
+      align_layer is set), "visual_positions" [N] int32, "input_mask" [B, S] and
+      "final_hidden" [B, S, D] (and "hidden" if requested).
+    """
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise InputError(f"tokens must be [batch, length] int ids; got shape {tokens.shape}.")
+    if tokens.shape[0] != images.shape[0]:
+      raise InputError(f"images have batch {images.shape[0]} but tokens have batch "
+                       f"{tokens.shape[0]}; they must match.")
+    batch, length = tokens.shape
+    n = cfg.num_visual_tokens
+    if input_mask is None:
+      input_mask = jnp.ones((batch, length), jnp.bool_)
+    input_mask = input_mask.astype(jnp.bool_)
+    visual = self.encode_images(images)
+    text = self.llm.embed(tokens)
+    visual = visual.astype(text.dtype)
+    ones = jnp.ones((batch, n), jnp.bool_)
+    if cfg.arch == "openvla":
+      embeddings = jnp.concatenate([text[:, :1], visual, text[:, 1:]], axis=1)
+      mask = jnp.concatenate([input_mask[:, :1], ones, input_mask[:, 1:]], axis=1)
+      attn_mask = llm_lib.causal_mask(mask)
+      positions = llm_lib.positions_from_mask(mask)
+    else:
+      embeddings = jnp.concatenate([visual, text], axis=1)
+      mask = jnp.concatenate([ones, input_mask], axis=1)
+      if prefix_mask is None:
+        prefix_mask = input_mask
+      prefix = jnp.concatenate([ones, prefix_mask.astype(jnp.bool_)], axis=1)
+      attn_mask = llm_lib.prefix_lm_mask(mask, prefix)
+      # PaliGemma counts positions from 1 (HF and big_vision agree).
+      positions = llm_lib.positions_from_mask(mask) + 1
+    logits, llm_out = self.llm(
+        embeddings, attn_mask=attn_mask, positions=positions, capture_layer=align_layer,
+        capture_slice=(cfg.visual_start, n), return_all_hidden=return_all_hidden)
+    result = {
+        "logits": logits,
+        "visual_positions": jnp.arange(cfg.visual_start, cfg.visual_start + n, dtype=jnp.int32),
+        "input_mask": mask,
+        "final_hidden": llm_out["final_hidden"],
+    }
+    if align_layer is not None:
+      result["align_hidden"] = llm_out["captured"]
+    if return_all_hidden:
+      result["hidden"] = llm_out["hidden"]
+    return result
+
+
+def dummy_inputs(config: VLAConfig, batch: int = 1, length: int = 8) -> Tuple[Any, Any]:
+  """Zero images and BOS-led tokens with the right shapes (for `init` / `eval_shape`)."""
+  images = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
+  tokens = jnp.ones((batch, length), jnp.int32)
+  return images, tokens
+
+
+def _openvla_towers(image_size: int, siglip: dict, dino: dict):
+  """OpenVLA's towers: timm layouts (exact GELU), truncated after the second-to-last block."""
+  return (
+      vit_lib.ViTConfig(**{**dict(pool_type="none", gelu_approximate=False, final_norm=False,
+                                  image_size=image_size), **siglip}),
+      dinov2_lib.DinoV2Config(**{**dict(num_registers=4, posemb_covers_cls=False,
+                                        final_norm=False, image_size=image_size), **dino}))
+
+
+def _preset(name: str) -> VLAConfig:
+  if name == "openvla_7b":
+    # Checkpoint towers have 27 (SigLIP So400m) and 24 (DINOv2-L) blocks; keep all but one.
+    siglip, dino = _openvla_towers(
+        224, dict(width=1152, depth=26, mlp_dim=4304, num_heads=16, patch_size=14),
+        dict(width=1024, depth=23, num_heads=16, patch_size=14))
+    return VLAConfig("openvla", llm_lib.llm_config("openvla_llama2_7b"), siglip, dino, 224)
+  if name == "paligemma_3b":
+    siglip = vit_lib.ViTConfig(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14,
+                               image_size=224, pool_type="none")
+    return VLAConfig("paligemma", llm_lib.llm_config("gemma_2b"), siglip, None, 224)
+  if name == "tiny":
+    # OpenVLA's layout at CPU size: 64 px images, 8x8 visual tokens, a 4-block Llama
+    # with Llama-2's real (padded) vocabulary so the real tokenizer and actions apply.
+    siglip, dino = _openvla_towers(
+        64, dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8),
+        dict(width=64, depth=2, num_heads=4, patch_size=8))
+    llm = llm_lib.llm_config("tiny_llama", vocab_size=32064, width=128, depth=4, num_heads=4,
+                             num_kv_heads=2, mlp_dim=256)
+    return VLAConfig("openvla", llm, siglip, dino, 64)
+  if name == "tiny_paligemma":
+    siglip = vit_lib.ViTConfig(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8,
+                               image_size=64, pool_type="none")
+    llm = llm_lib.llm_config("tiny_gemma", vocab_size=32064, width=128, depth=4)
+    return VLAConfig("paligemma", llm, siglip, None, 64)
+  raise ConfigError(f"Unknown VLA preset {name!r}; known presets: {', '.join(VLA_PRESETS)}.")
+
+
+VLA_PRESETS = ("tiny", "tiny_paligemma", "openvla_7b", "paligemma_3b")
+
+
+def vla_config(name: str = "tiny") -> VLAConfig:
+  """A named student preset: "tiny" (CPU demo/tests), "tiny_paligemma", "openvla_7b",
+  "paligemma_3b"."""
+  return _preset(name)
+
+
+def config_to_dict(config) -> Dict[str, Any]:
+  """A (nested) config dataclass as plain dicts, e.g. for JSON or ConfigDict."""
+  return dataclasses.asdict(config)
