@@ -1,0 +1,59 @@
+"""Visual Representation Alignment: the paper's recipe and its CPU-sized twin.
+
+Usage: `python -m vla_jax.main --config=configs/align.py[:PRESET]` with PRESET one of
+  tiny          (default) OpenVLA's layout at CPU size, tiny SigLIP teacher
+  tiny_paligemma          PaliGemma's layout at CPU size
+  openvla_7b    OpenVLA-7B student, SigLIP So400m/14 teacher, align layer 16 of 32,
+                LoRA rank 32 / alpha 16 on every linear layer (the paper's setup)
+  paligemma_3b  PaliGemma-3B student, SigLIP So400m/14 teacher, align layer 9 of 18
+Any key can be overridden: `--config.align.align_coeff=0` gives plain SFT,
+`--config.teacher.layer=20`, `--config.model.llm.scan=True`, ...
+"""
+
+import dataclasses
+
+import ml_collections
+
+from vla_jax.models import align as align_lib
+from vla_jax.models import lora as lora_lib
+from vla_jax.models import teacher as teacher_lib
+from vla_jax.models import vla as vla_lib
+
+# preset -> (student preset, teacher preset, LoRA on?)
+PRESETS = {
+    "tiny": ("tiny", "tiny_siglip", False),
+    "tiny_paligemma": ("tiny_paligemma", "tiny_siglip", False),
+    "openvla_7b": ("openvla_7b", "siglip_so400m", True),
+    "paligemma_3b": ("paligemma_3b", "siglip_so400m", True),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  preset = arg or "tiny"
+  if preset not in PRESETS:
+    raise ValueError(f"Unknown preset {preset!r} for configs/align.py; choose one of "
+                     f"{', '.join(PRESETS)} (e.g. --config=configs/align.py:openvla_7b).")
+  student_name, teacher_name, use_lora = PRESETS[preset]
+  student = vla_lib.vla_config(student_name)
+  teacher = teacher_lib.teacher_config(teacher_name, student_grid=student.grid)
+
+  config = ml_collections.ConfigDict()
+  config.preset = preset
+  config.seed = 0
+  config.model = dataclasses.asdict(student)
+  config.teacher = dataclasses.asdict(teacher)
+  config.align = dataclasses.asdict(align_lib.AlignConfig(
+      align_layer=student.llm.depth // 2, align_coeff=0.2,
+      projector_width=256 if preset.startswith("tiny") else 2048))
+  # The paper's "all linear layers": every Dense/einsum kernel except the output head and
+  # the convolutional patch embeddings.
+  config.lora = dict(enabled=use_lora, **dataclasses.asdict(lora_lib.LoraConfig(
+      target_regex=r"^(?!.*(lm_head|embedding/kernel|patch_embed/kernel))")))
+  # Local checkpoints to start from ("" = random init). Formats: "hf" (a save_pretrained
+  # directory or .safetensors), "big_vision" (.npz, `file.npz:subtree` allowed), "orbax"
+  # (the output of --mode=convert).
+  config.weights = dict(student="", student_format="hf", teacher="", teacher_format="big_vision")
+  # Tokenizer: a SentencePiece .model or a HF tokenizer directory ("" = none).
+  config.tokenizer = ""
+  config.batch_size = 2
+  return config

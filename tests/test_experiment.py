@@ -1,0 +1,59 @@
+"""configs/align.py presets parse into typed configs; bad keys fail by name."""
+
+import importlib.util
+
+import pytest
+
+from tests.conftest import REPO
+from vla_jax.errors import ConfigError
+from vla_jax.experiment import parse_config
+
+
+def _config_module():
+  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_paligemma", "openvla_7b", "paligemma_3b"])
+def test_presets_parse(preset):
+  experiment = parse_config(_config_module().get_config(preset))
+  model = experiment.model
+  assert experiment.align.align_layer == model.llm.depth // 2
+  assert experiment.align.align_coeff == 0.2 and experiment.align.loss == "cosine"
+  tower = experiment.teacher.tower
+  assert tower.image_size // tower.patch_size == model.grid  # teacher sees the student grid
+  if preset == "openvla_7b":  # the paper's setup
+    assert (model.num_visual_tokens, model.visual_start, model.llm.depth) == (256, 1, 32)
+    assert experiment.align.align_layer == 16 and experiment.align.projector_width == 2048
+    assert (experiment.lora.rank, experiment.lora.alpha) == (32, 16.0)
+    assert model.siglip.depth == 26 and model.dino.depth == 23  # second-to-last blocks
+
+
+def test_unknown_preset_lists_known():
+  with pytest.raises(ValueError, match="openvla_7b"):
+    _config_module().get_config("openvla_13b")
+
+
+def test_unknown_nested_key_is_named_with_suggestion():
+  config = _config_module().get_config("tiny")
+  config.model.llm.unlock()
+  config.model.llm["num_head"] = 3
+  with pytest.raises(ConfigError, match="'model.llm.num_head'.*did you mean 'model.llm.num_heads'"):
+    parse_config(config)
+
+
+def test_inconsistent_values_are_rejected():
+  config = _config_module().get_config("tiny")
+  config.align.align_layer = 99
+  with pytest.raises(ConfigError, match="align_layer=99 but the LLM has only 4 layers"):
+    parse_config(config)
+  config = _config_module().get_config("tiny")
+  config.model.siglip.image_size = 32
+  with pytest.raises(ConfigError, match="model.siglip.image_size=32"):
+    parse_config(config)
+  config = _config_module().get_config("tiny")
+  config.model.llm.family = "gemma2"
+  with pytest.raises(ConfigError, match="family"):
+    parse_config(config)

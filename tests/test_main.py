@@ -1,0 +1,78 @@
+"""The command-line entry point: describe and convert on the embedded tiny default."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from vla_jax import main as main_lib
+from vla_jax.errors import VlaJaxError
+from vla_jax.models import vit as vit_lib
+from vla_jax.weights import convert, siglip
+
+
+def _config(preset="tiny"):
+  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
+  config = _config()
+  config.tokenizer = str(shared_data / "tokenizers" / "llama2.model")
+  summary = main_lib.describe(config, str(tmp_path))
+  assert summary["visual_tokens"] == {"start": 1, "count": 64, "grid": 8}
+  assert summary["align_hidden_shape"] == [2, 64, 128]
+  assert summary["tokens_from"].startswith("tokenizer")
+  assert -1.0 <= -summary["metrics"]["loss/align"] <= 1.0
+  assert summary["metrics"]["align/cos_sim"] == pytest.approx(-summary["metrics"]["loss/align"])
+  assert json.loads((tmp_path / "describe.json").read_text())["preset"] == "tiny"
+
+
+def test_convert_teacher_then_describe_from_orbax(tmp_path):
+  config = _config()
+  teacher = vit_lib.ViTConfig(**config.teacher.vit.to_dict())
+  rng = np.random.default_rng(0)
+  params = {k: rng.normal(size=v.shape).astype(np.float32) * 0.02
+            for k, v in _flat(vit_lib.abstract_params(teacher)).items()}
+  npz_path = str(tmp_path / "teacher.npz")
+  np.savez(npz_path, **params)
+  config.weights.teacher = npz_path
+  written = main_lib.convert(config, str(tmp_path / "work"))
+  assert written == [str(tmp_path / "work" / "converted" / "teacher")]
+  assert convert.read_meta(written[0])["source"] == npz_path
+  loaded = siglip.load_big_vision(npz_path, teacher)
+  config.weights.teacher, config.weights.teacher_format = written[0], "orbax"
+  summary = main_lib.describe(config, str(tmp_path / "work"))
+  assert summary["teacher_params_millions"] == pytest.approx(
+      sum(x.size for x in _flat(loaded).values()) / 1e6)
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}" if prefix else key
+    out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
+  return out
+
+
+def test_convert_without_weights_is_a_clear_error(tmp_path):
+  with pytest.raises(VlaJaxError, match="Nothing to convert"):
+    main_lib.convert(_config(), str(tmp_path))
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "vla_jax.main", f"--workdir={tmp_path}", "--mode=convert",
+       "--config=configs/align.py", f"--config.weights.student={tmp_path}/missing"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "error: No checkpoint at" in result.stderr
+  assert "Traceback" not in result.stderr

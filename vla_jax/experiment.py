@@ -1,0 +1,68 @@
+"""From an experiment ConfigDict (configs/*.py) to validated, typed configs.
+
+`configs/align.py` is data: nested dicts that users override from the command line
+(`--config.model.llm.depth=2`). `parse_config` turns it into an `Experiment` of frozen
+dataclasses, rejecting unknown keys by name and cross-checking the parts (the alignment
+layer exists in the LLM, the teacher can see the student's grid) before anything
+compiles.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+from vla_jax.errors import ConfigError
+from vla_jax.models import align as align_lib
+from vla_jax.models import dinov2 as dinov2_lib
+from vla_jax.models import lora as lora_lib
+from vla_jax.models import teacher as teacher_lib
+from vla_jax.models import vit as vit_lib
+from vla_jax.models import vla as vla_lib
+from vla_jax.typed_config import from_mapping, require
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """The typed parts of one experiment config."""
+  model: vla_lib.VLAConfig
+  teacher: teacher_lib.TeacherConfig
+  align: align_lib.AlignConfig
+  lora: Optional[lora_lib.LoraConfig]
+
+  def __post_init__(self):
+    depth = self.model.llm.depth
+    require(self.align.align_layer <= depth,
+            f"align.align_layer={self.align.align_layer} but the LLM has only {depth} layers; "
+            f"pick a layer in [0, {depth}] (the paper uses the middle one, {depth // 2}).")
+
+
+def _as_dict(mapping: Any) -> dict:
+  if mapping is None:
+    return {}
+  return dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
+
+
+def parse_teacher(mapping: Mapping[str, Any]) -> teacher_lib.TeacherConfig:
+  """{kind, vit: {...} | None, dino: {...} | None, layer} -> TeacherConfig."""
+  mapping = _as_dict(mapping)
+  allowed = {f.name for f in dataclasses.fields(teacher_lib.TeacherConfig)}
+  unknown = sorted(set(mapping) - allowed)
+  if unknown:
+    raise ConfigError(f"Unknown config key(s) teacher.{', teacher.'.join(unknown)}; valid keys: "
+                      f"{', '.join(sorted(allowed))}.")
+  vit = mapping.pop("vit", None)
+  dino = mapping.pop("dino", None)
+  return teacher_lib.TeacherConfig(
+      vit=None if vit is None else from_mapping(vit_lib.ViTConfig, vit, "teacher.vit"),
+      dino=None if dino is None else from_mapping(dinov2_lib.DinoV2Config, dino, "teacher.dino"),
+      **mapping)
+
+
+def parse_config(config: Any) -> Experiment:
+  """Validates an experiment ConfigDict; raises ConfigError naming the offending key."""
+  lora = _as_dict(config.get("lora"))
+  enabled = lora.pop("enabled", False)
+  return Experiment(
+      model=vla_lib.vla_config_from_mapping(config.model),
+      teacher=parse_teacher(config.teacher),
+      align=from_mapping(align_lib.AlignConfig, config.align, "align"),
+      lora=from_mapping(lora_lib.LoraConfig, lora, "lora") if enabled else None)

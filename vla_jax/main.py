@@ -1,0 +1,146 @@
+"""Command-line entry point: `python -m vla_jax.main --config=configs/align.py[:PRESET]`.
+
+Modes (`--mode`):
+  describe  (default) build the student, teacher and alignment projector of the config,
+            load any checkpoints it names, run one jitted aligned forward pass on a
+            batch and report parameter counts, the visual-token bookkeeping, the
+            alignment loss and timings; writes `WORKDIR/describe.json`.
+  convert   turn the local checkpoints named in `config.weights` (HF safetensors or
+            big_vision .npz) into Orbax checkpoints under `WORKDIR/converted/` that
+            later runs load with `--config.weights.student_format=orbax`.
+Training (`train`) arrives with the training system; see README.md.
+"""
+
+import json
+import logging
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from vla_jax import experiment as experiment_lib
+from vla_jax import modeling
+from vla_jax import text as text_lib
+from vla_jax.errors import VlaJaxError
+from vla_jax.weights import convert as convert_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "align.py"),
+    "Experiment config file, optionally with a preset: configs/align.py:openvla_7b.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where outputs are written.")
+_MODE = flags.DEFINE_enum("mode", "describe", ["describe", "convert"], "What to do.")
+
+_INSTRUCTION = "put the carrot on the plate"
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _demo_batch(config, experiment, batch_size: int):
+  """Images in [0, 1] and an OpenVLA prompt (real tokenizer if configured)."""
+  rng = np.random.default_rng(config.seed)
+  size = experiment.model.image_size
+  images = rng.uniform(size=(batch_size, size, size, 3)).astype(np.float32)
+  if config.tokenizer:
+    tokenizer = text_lib.Tokenizer.from_path(config.tokenizer)
+    ids = tokenizer.encode(text_lib.openvla_prompt(_INSTRUCTION))
+    source = f"tokenizer {config.tokenizer}"
+  else:
+    ids = [1] + list(rng.integers(3, 32000, size=15))
+    source = "synthetic ids (set --config.tokenizer=PATH for a real prompt)"
+  tokens = np.tile(np.asarray(ids, np.int32), (batch_size, 1))
+  return images, tokens, source
+
+
+def describe(config, workdir: str) -> dict:
+  experiment = experiment_lib.parse_config(config)
+  models = modeling.build_models(experiment)
+  start = time.perf_counter()
+  params = modeling.init_params(models, experiment, jax.random.key(config.seed))
+  params = modeling.load_params(params, models, experiment, config.weights)
+  init_s = time.perf_counter() - start
+  images, tokens, token_source = _demo_batch(config, experiment, config.batch_size)
+
+  forward = jax.jit(lambda p, i, t: modeling.aligned_forward(models, experiment, p, i, t))
+  start = time.perf_counter()
+  out, loss, metrics = jax.block_until_ready(forward(params, images, tokens))
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(forward(params, images, tokens))
+    times.append(time.perf_counter() - start)
+
+  model = experiment.model
+  summary = {
+      "preset": config.preset,
+      "arch": model.arch,
+      "devices": [str(d) for d in jax.devices()],
+      "params_millions": {k: _count(v) / 1e6 for k, v in params["student"].items()},
+      "teacher_params_millions": _count(params["teacher"]) / 1e6,
+      "projector_params_millions": _count(params["projector"]) / 1e6,
+      "image_size": model.image_size,
+      "visual_tokens": {"start": model.visual_start, "count": model.num_visual_tokens,
+                        "grid": model.grid},
+      "sequence_length": int(out["logits"].shape[1]),
+      "tokens_from": token_source,
+      "align_layer": experiment.align.align_layer,
+      "align_hidden_shape": list(out["align_hidden"].shape),
+      "metrics": {k: float(v) for k, v in metrics.items()},
+      "init_and_load_s": round(init_s, 3),
+      "compile_s": round(compile_s, 3),
+      "forward_median_s": round(statistics.median(times), 5),
+  }
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "describe.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def convert(config, workdir: str) -> list:
+  experiment = experiment_lib.parse_config(config)
+  weights = config.weights
+  if not weights.student and not weights.teacher:
+    raise VlaJaxError("Nothing to convert: set --config.weights.student=PATH and/or "
+                      "--config.weights.teacher=PATH (with *_format=hf|big_vision).")
+  for part in ("student", "teacher"):
+    if weights[part] and weights[f"{part}_format"] == "orbax":
+      raise VlaJaxError(f"config.weights.{part} is already an Orbax checkpoint.")
+  models = modeling.build_models(experiment)
+  abstract = modeling.abstract_params(models, experiment)
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+  params = modeling.load_params(params, models, experiment, weights)
+  written = []
+  for part, part_config in (("student", experiment.model), ("teacher", experiment.teacher)):
+    if weights[part]:
+      out = os.path.join(workdir, "converted", part)
+      written.append(convert_lib.save_converted(
+          out, params[part], part_config, source=weights[part], fmt=weights[f"{part}_format"]))
+      logging.info("Wrote %s", out)
+  return written
+
+
+def main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    if _MODE.value == "describe":
+      summary = describe(config, workdir)
+      print(json.dumps(summary, indent=2))
+    else:
+      for path in convert(config, workdir):
+        print(f"converted checkpoint: {path}")
+  except VlaJaxError as e:  # bad input: a clear message, not a traceback
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,110 @@
+"""The three models of an alignment experiment and the forward pass that joins them.
+
+An `Experiment` (student VLA, frozen teacher, frozen alignment projector) becomes
+`Models`; `init_params` creates their parameters (random, jitted) and `load_params`
+replaces them with local checkpoints where the config names one. `aligned_forward`
+is the pure function at the heart of training: one student pass that returns logits
+and the `align_layer` hidden states at the visual tokens, one teacher pass on the same
+images under `stop_gradient`, the frozen projector, and `loss/align` with its metrics.
+"""
+
+import dataclasses
+import logging
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from vla_jax.experiment import Experiment
+from vla_jax.models.align import AlignProjector, alignment_loss
+from vla_jax.models.teacher import Teacher
+from vla_jax.models.vla import VLA, dummy_inputs
+from vla_jax.weights import convert as convert_lib
+from vla_jax.weights import teacher as teacher_weights
+from vla_jax.weights import vla as vla_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """Stateless flax modules of one experiment (parameters live elsewhere)."""
+  student: VLA
+  teacher: Teacher
+  projector: AlignProjector
+
+
+def build_models(experiment: Experiment) -> Models:
+  return Models(
+      student=VLA(experiment.model),
+      teacher=Teacher(experiment.teacher),
+      projector=AlignProjector.from_config(experiment.align,
+                                           teacher_dim=experiment.teacher.width))
+
+
+def _init_all(models: Models, experiment: Experiment, rng):
+  images, tokens = dummy_inputs(experiment.model, 1, 4)
+  keys = jax.random.split(rng, 3)
+  student = models.student.init(keys[0], images, tokens)["params"]
+  teacher = models.teacher.init(keys[1], images, experiment.model.grid,
+                                experiment.align.grid_match)["params"]
+  hidden = jnp.zeros((1, experiment.model.num_visual_tokens, experiment.model.llm.width))
+  projector = models.projector.init(keys[2], hidden)["params"]
+  return {"student": student, "teacher": teacher, "projector": projector}
+
+
+def abstract_params(models: Models, experiment: Experiment) -> Dict[str, Any]:
+  """Shape/dtype pytree of all parameters, without computing anything."""
+  return jax.eval_shape(lambda: _init_all(models, experiment, jax.random.key(0)))
+
+
+def init_params(models: Models, experiment: Experiment, rng) -> Dict[str, Any]:
+  """Random parameters for student, teacher and projector (one jitted init)."""
+  return jax.jit(lambda r: _init_all(models, experiment, r))(rng)
+
+
+def load_params(params: Dict[str, Any], models: Models, experiment: Experiment,
+                weights: Any) -> Dict[str, Any]:
+  """Replaces student/teacher params with the checkpoints named in `weights`.
+
+  `weights` holds `student`, `student_format`, `teacher`, `teacher_format` (paths may be
+  empty: that part keeps its random init). Format "orbax" reads a converted checkpoint.
+  """
+  params = dict(params)
+  abstract = abstract_params(models, experiment)
+  if weights.get("student"):
+    fmt = weights.get("student_format", "hf")
+    logging.info("Loading student weights (%s) from %s", fmt, weights["student"])
+    if fmt == "orbax":
+      params["student"], _ = convert_lib.load_converted(
+          weights["student"], experiment.model, abstract["student"])
+    else:
+      params["student"] = vla_weights.load_student(weights["student"], experiment.model, fmt)
+  if weights.get("teacher"):
+    fmt = weights.get("teacher_format", "big_vision")
+    logging.info("Loading teacher weights (%s) from %s", fmt, weights["teacher"])
+    if fmt == "orbax":
+      params["teacher"], _ = convert_lib.load_converted(
+          weights["teacher"], experiment.teacher, abstract["teacher"])
+    else:
+      params["teacher"] = teacher_weights.load_teacher(weights["teacher"], experiment.teacher, fmt)
+  return params
+
+
+def aligned_forward(models: Models, experiment: Experiment, params: Dict[str, Any], images,
+                    tokens, input_mask=None) -> Tuple[Dict[str, Any], jax.Array, Dict[str, Any]]:
+  """Student + teacher + projector in one pure function.
+
+  Args:
+    params: {"student", "teacher", "projector"} pytrees.
+    images: [B, H, W, 3] in [0, 1]; tokens / input_mask: [B, T].
+  Returns:
+    (student outputs dict, loss/align scalar, metrics dict).
+  """
+  model, align = experiment.model, experiment.align
+  out = models.student.apply({"params": params["student"]}, images, tokens, input_mask,
+                             align_layer=align.align_layer)
+  teacher_features = models.teacher.apply({"params": params["teacher"]}, images, model.grid,
+                                          align.grid_match)
+  teacher_features = jax.lax.stop_gradient(teacher_features)
+  projected = models.projector.apply({"params": params["projector"]}, out["align_hidden"])
+  loss, metrics = alignment_loss(align, projected, teacher_features)
+  return out, loss, {"loss/align": loss, **metrics}
