@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.parity import torch_refs
 from tests.parity.torch_refs import import_timm, to_numpy
 
 import_timm()  # transformers' modeling import needs the torchvision workaround first.
@@ -160,52 +161,13 @@ def test_left_padded_batch_matches_hf(hf_models, family):
   assert _max_err(logits[1], alone[0]) < TOL
 
 
-def _to_big_vision(hf_model) -> dict:
-  """HF Gemma state dict -> big_vision PaliGemma npz layout, written independently here."""
-  c = hf_model.config
-  heads, kv_heads, head_dim, width = (c.num_attention_heads, c.num_key_value_heads,
-                                      c.head_dim, c.hidden_size)
-  sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf_model.state_dict().items()}
-  layer = lambda i, name: sd[f"model.layers.{i}.{name}"]
-  depth = c.num_hidden_layers
-
-  def einsum_in(w, n):  # torch [n * hd, D] -> [n, D, hd]
-    return w.reshape(n, head_dim, width).transpose(0, 2, 1)
-
-  q = np.stack([einsum_in(layer(i, "self_attn.q_proj.weight"), heads) for i in range(depth)])
-  k = np.stack([einsum_in(layer(i, "self_attn.k_proj.weight"), kv_heads) for i in range(depth)])
-  v = np.stack([einsum_in(layer(i, "self_attn.v_proj.weight"), kv_heads) for i in range(depth)])
-  tree = {
-      "llm/embedder/input_embedding": sd["model.embed_tokens.weight"],
-      "llm/final_norm/scale": sd["model.norm.weight"],
-      "llm/layers/pre_attention_norm/scale": np.stack(
-          [layer(i, "input_layernorm.weight") for i in range(depth)]),
-      "llm/layers/pre_ffw_norm/scale": np.stack(
-          [layer(i, "post_attention_layernorm.weight") for i in range(depth)]),
-      "llm/layers/attn/attn_vec_einsum/w": np.stack(
-          [layer(i, "self_attn.o_proj.weight").T.reshape(heads, head_dim, width)
-           for i in range(depth)]),
-      "llm/layers/mlp/gating_einsum": np.stack(
-          [np.stack([layer(i, "mlp.gate_proj.weight").T, layer(i, "mlp.up_proj.weight").T])
-           for i in range(depth)]),
-      "llm/layers/mlp/linear": np.stack([layer(i, "mlp.down_proj.weight").T
-                                         for i in range(depth)]),
-      # A vision tower beside the LLM, as in a PaliGemma npz: must be ignored.
-      "img/embedding/kernel": np.zeros((2, 2, 3, 8), np.float32),
-  }
-  if kv_heads == heads:
-    tree["llm/layers/attn/qkv_einsum/w"] = np.stack([q, k, v], axis=1)
-  else:
-    tree["llm/layers/attn/q_einsum/w"] = q
-    tree["llm/layers/attn/kv_einsum/w"] = np.stack([k, v], axis=1)
-  return tree
-
-
 @pytest.mark.parametrize("num_kv_heads", [1, 4], ids=["q_kv_einsum", "qkv_einsum"])
 def test_big_vision_gemma_npz_matches_hf(tmp_path, num_kv_heads):
   hf_model = _hf_gemma(num_kv_heads)
   path = str(tmp_path / "paligemma.npz")
-  np.savez(path, **_to_big_vision(hf_model))
+  tree = torch_refs.gemma_to_big_vision(hf_model.config, hf_model.state_dict(), prefix="model.")
+  tree["img/embedding/kernel"] = np.zeros((2, 2, 3, 8), np.float32)  # a tower beside: ignored
+  np.savez(path, **tree)
   tokens = _tokens(seed=2)
   hf_logits, hf_hidden = _hf_outputs(hf_model, tokens)
   for scan in (False, True):

@@ -194,3 +194,33 @@ def test_paligemma_loader_rejects_openvla_checkpoint(openvla):
   _, path, _ = openvla
   with pytest.raises(CheckpointError, match="Not a PaliGemma checkpoint"):
     vla_weights.load_hf_paligemma(str(path), _our_paligemma_config())
+
+
+def test_big_vision_paligemma_npz_matches_transformers(tmp_path):
+  """big_vision's PaliGemma npz (`params/img/...` with `img/head` as projection, `params/llm/...`)."""
+  from vla_jax.weights.npz import flatten
+
+  model = _paligemma()
+  model.save_pretrained(tmp_path / "hf")
+  config = _our_paligemma_config()
+  hf_params = vla_weights.load_hf_paligemma(str(tmp_path / "hf"), config)  # parity-tested above
+  tree = torch_refs.gemma_to_big_vision(model.config.text_config,
+                                        model.model.language_model.state_dict())
+  tree.update({"img/" + k: np.asarray(v) for k, v in flatten(hf_params["siglip"]).items()})
+  tree["img/head/kernel"] = np.asarray(hf_params["projector"]["linear"]["kernel"])
+  tree["img/head/bias"] = np.asarray(hf_params["projector"]["linear"]["bias"])
+  path = str(tmp_path / "paligemma.npz")
+  np.savez(path, **{"params/" + k: v for k, v in tree.items()})
+
+  params = vla_weights.load_big_vision_paligemma(path, config)
+  images = _images(size=28)
+  text = np.random.default_rng(4).integers(3, 299, size=(2, 7)).astype(np.int32)
+  text[:, 0] = 2
+  n = config.num_visual_tokens
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(np.concatenate(
+                    [np.full((2, n), 299, np.int32), text], axis=1)).long(),
+                pixel_values=torch_refs.torch_pixels(images, SIGLIP_MEAN, SIGLIP_STD),
+                token_type_ids=torch.zeros((2, n + 7), dtype=torch.long))
+  out = VLA(config).apply({"params": params}, jnp.asarray(images), jnp.asarray(text))
+  np.testing.assert_allclose(np.asarray(out["logits"]), to_numpy(ref.logits), atol=TOL, rtol=0)

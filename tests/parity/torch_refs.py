@@ -119,4 +119,48 @@ def prismatic_forward(refs: dict, images: np.ndarray, input_ids: np.ndarray,
                          output_hidden_states=output_hidden_states)
 
 
+# --------------------------------------------------------------------------- big_vision
+def gemma_to_big_vision(config, state_dict, prefix: str = "") -> dict:
+  """HF Gemma weights -> big_vision's PaliGemma npz layout (`llm/...`, layers stacked).
+
+  Written from big_vision's parameter shapes, independently of our loaders.
+  `config` is a HF GemmaConfig; `prefix` is where `layers.N...` sit in `state_dict`.
+  """
+  heads, kv_heads, head_dim, width = (config.num_attention_heads, config.num_key_value_heads,
+                                      config.head_dim, config.hidden_size)
+  sd = {k: to_numpy(v) for k, v in state_dict.items()}
+  depth = config.num_hidden_layers
+
+  def stack(fn):
+    return np.stack([fn(i) for i in range(depth)])
+
+  def layer(i, name):
+    return sd[f"{prefix}layers.{i}.{name}"]
+
+  def einsum_in(i, name, n):  # torch [n * hd, D] -> [n, D, hd]
+    return layer(i, name).reshape(n, head_dim, width).transpose(0, 2, 1)
+
+  q = stack(lambda i: einsum_in(i, "self_attn.q_proj.weight", heads))
+  k = stack(lambda i: einsum_in(i, "self_attn.k_proj.weight", kv_heads))
+  v = stack(lambda i: einsum_in(i, "self_attn.v_proj.weight", kv_heads))
+  tree = {
+      "llm/embedder/input_embedding": sd[f"{prefix}embed_tokens.weight"],
+      "llm/final_norm/scale": sd[f"{prefix}norm.weight"],
+      "llm/layers/pre_attention_norm/scale": stack(lambda i: layer(i, "input_layernorm.weight")),
+      "llm/layers/pre_ffw_norm/scale": stack(
+          lambda i: layer(i, "post_attention_layernorm.weight")),
+      "llm/layers/attn/attn_vec_einsum/w": stack(
+          lambda i: layer(i, "self_attn.o_proj.weight").T.reshape(heads, head_dim, width)),
+      "llm/layers/mlp/gating_einsum": stack(lambda i: np.stack(
+          [layer(i, "mlp.gate_proj.weight").T, layer(i, "mlp.up_proj.weight").T])),
+      "llm/layers/mlp/linear": stack(lambda i: layer(i, "mlp.down_proj.weight").T),
+  }
+  if kv_heads == heads:  # big_vision fuses q, k and v when there is no GQA
+    tree["llm/layers/attn/qkv_einsum/w"] = np.stack([q, k, v], axis=1)
+  else:
+    tree["llm/layers/attn/q_einsum/w"] = q
+    tree["llm/layers/attn/kv_einsum/w"] = np.stack([k, v], axis=1)
+  return tree
+
+
 make_torchvision_importable()  # on import, so `import transformers` after this works
