@@ -137,7 +137,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
       rows.append(bench_teacher(args, tmp) if name == "teacher" else
                   bench_student(args, tmp, name))
-  print(f"\n| model | max abs diff | jax (ms) | torch (ms) | torch / jax |")
+  print("\n| model | max abs diff | jax (ms) | torch (ms) | torch / jax |")
   print("|---|---|---|---|---|")
   for title, diff, jax_s, torch_s in rows:
     print(f"| {title} | {diff:.1e} | {jax_s * 1e3:.1f} | {torch_s * 1e3:.1f} | "

@@ -65,7 +65,7 @@ def describe(config, workdir: str) -> dict:
   models = modeling.build_models(experiment)
   start = time.perf_counter()
   params = modeling.init_params(models, experiment, jax.random.key(config.seed))
-  params = modeling.load_params(params, models, experiment, config.weights)
+  params = modeling.load_checkpoints(params, models, experiment, config.weights)
   init_s = time.perf_counter() - start
   images, tokens, token_source = _demo_batch(config, experiment, config.batch_size)
 
@@ -117,7 +117,7 @@ def convert(config, workdir: str) -> list:
   models = modeling.build_models(experiment)
   abstract = modeling.abstract_params(models, experiment)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  params = modeling.load_params(params, models, experiment, weights)
+  params = modeling.load_checkpoints(params, models, experiment, weights)
   written = []
   for part, part_config in (("student", experiment.model), ("teacher", experiment.teacher)):
     if weights[part]:

@@ -1,7 +1,7 @@
 """The three models of an alignment experiment and the forward pass that joins them.
 
 An `Experiment` (student VLA, frozen teacher, frozen alignment projector) becomes
-`Models`; `init_params` creates their parameters (random, jitted) and `load_params`
+`Models`; `init_params` creates their parameters (random, jitted) and `load_checkpoints`
 replaces them with local checkpoints where the config names one. `aligned_forward`
 is the pure function at the heart of training: one student pass that returns logits
 and the `align_layer` hidden states at the visual tokens, one teacher pass on the same
@@ -61,8 +61,8 @@ def init_params(models: Models, experiment: Experiment, rng) -> Dict[str, Any]:
   return jax.jit(lambda r: _init_all(models, experiment, r))(rng)
 
 
-def load_params(params: Dict[str, Any], models: Models, experiment: Experiment,
-                weights: Any) -> Dict[str, Any]:
+def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experiment,
+                     weights: Any) -> Dict[str, Any]:
   """Replaces student/teacher params with the checkpoints named in `weights`.
 
   `weights` holds `student`, `student_format`, `teacher`, `teacher_format` (paths may be
@@ -70,22 +70,17 @@ def load_params(params: Dict[str, Any], models: Models, experiment: Experiment,
   """
   params = dict(params)
   abstract = abstract_params(models, experiment)
-  if weights.get("student"):
-    fmt = weights.get("student_format", "hf")
-    logging.info("Loading student weights (%s) from %s", fmt, weights["student"])
+  loaders = {"student": (experiment.model, vla_weights.load_student, "hf"),
+             "teacher": (experiment.teacher, teacher_weights.load_teacher, "big_vision")}
+  for part, (config, load, default_format) in loaders.items():
+    if not weights.get(part):
+      continue
+    fmt = weights.get(f"{part}_format", default_format)
+    logging.info("Loading %s weights (%s) from %s", part, fmt, weights[part])
     if fmt == "orbax":
-      params["student"], _ = convert_lib.load_converted(
-          weights["student"], experiment.model, abstract["student"])
+      params[part], _ = convert_lib.load_converted(weights[part], config, abstract[part])
     else:
-      params["student"] = vla_weights.load_student(weights["student"], experiment.model, fmt)
-  if weights.get("teacher"):
-    fmt = weights.get("teacher_format", "big_vision")
-    logging.info("Loading teacher weights (%s) from %s", fmt, weights["teacher"])
-    if fmt == "orbax":
-      params["teacher"], _ = convert_lib.load_converted(
-          weights["teacher"], experiment.teacher, abstract["teacher"])
-    else:
-      params["teacher"] = teacher_weights.load_teacher(weights["teacher"], experiment.teacher, fmt)
+      params[part] = load(weights[part], config, fmt)
   return params
 
 

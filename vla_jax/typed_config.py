@@ -52,3 +52,26 @@ def require(condition: bool, message: str) -> None:
   """Raises ConfigError(message) unless `condition`; used in `__post_init__` checks."""
   if not condition:
     raise ConfigError(message)
+
+
+def require_positive_ints(config: Any, keys, where: str) -> None:
+  """Raises ConfigError unless each `config.<key>` is an int > 0 (bools are not ints here)."""
+  for key in keys:
+    value = getattr(config, key)
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{where}.{key} must be a positive integer, got {value!r}.")
+
+
+def require_patch_geometry(config: Any, where: str) -> None:
+  """The checks every ViT-like config shares: sizes, heads dividing width, whole patches."""
+  require_positive_ints(config, ("width", "depth", "num_heads", "patch_size", "image_size",
+                                 "channels"), where)
+  require(config.mlp_dim is None or (isinstance(config.mlp_dim, int) and config.mlp_dim > 0),
+          f"{where}.mlp_dim must be None (the default width) or a positive integer, got "
+          f"{config.mlp_dim!r}.")
+  require(config.width % config.num_heads == 0,
+          f"{where}.width ({config.width}) must be divisible by {where}.num_heads "
+          f"({config.num_heads}); pick a head count that divides the width.")
+  require(config.image_size % config.patch_size == 0,
+          f"{where}.image_size ({config.image_size}) must be a multiple of {where}.patch_size "
+          f"({config.patch_size}); pick an image size of k * {config.patch_size}.")

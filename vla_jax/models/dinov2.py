@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
-from vla_jax.typed_config import from_mapping, require
+from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _FFNS = ("mlp", "swiglu")
@@ -92,18 +92,7 @@ class DinoV2Config:
   dtype: str = "float32"
 
   def __post_init__(self):
-    for key in ("width", "depth", "num_heads", "patch_size", "image_size", "channels"):
-      value = getattr(self, key)
-      require(isinstance(value, int) and value > 0,
-              f"dinov2.{key} must be a positive integer, found {value!r}.")
-    require(self.width % self.num_heads == 0,
-            f"dinov2.width ({self.width}) must be divisible by dinov2.num_heads "
-            f"({self.num_heads}); pick a head count that divides the width.")
-    require(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim > 0),
-            f"dinov2.mlp_dim must be None or a positive integer, found {self.mlp_dim!r}.")
-    require(self.image_size % self.patch_size == 0,
-            f"dinov2.image_size ({self.image_size}) must be a multiple of "
-            f"dinov2.patch_size ({self.patch_size}); e.g. 224 for patch 14.")
+    require_patch_geometry(self, "dinov2")
     require(isinstance(self.num_registers, int) and self.num_registers >= 0,
             f"dinov2.num_registers must be an integer >= 0, found {self.num_registers!r}.")
     require(self.ffn in _FFNS, f"dinov2.ffn must be one of {_FFNS}, found {self.ffn!r}.")

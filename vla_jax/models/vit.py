@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
-from vla_jax.typed_config import from_mapping, require
+from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 POSEMB_TYPES = ("learn", "sincos2d")
 POOL_TYPES = ("map", "gap", "tok", "none")
@@ -57,19 +57,9 @@ class ViTConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    for key in ("width", "depth", "num_heads", "patch_size", "image_size", "channels"):
-      value = getattr(self, key)
-      require(isinstance(value, int) and value > 0,
-              f"vit.{key} must be a positive integer, got {value!r}.")
-    require(self.mlp_dim is None or (isinstance(self.mlp_dim, int) and self.mlp_dim > 0),
-            f"vit.mlp_dim must be None (= 4 * width) or a positive integer, got {self.mlp_dim!r}.")
+    require_patch_geometry(self, "vit")
     require(isinstance(self.num_classes, int) and self.num_classes >= 0,
             f"vit.num_classes must be an integer >= 0 (0 = no head), got {self.num_classes!r}.")
-    require(self.width % self.num_heads == 0,
-            f"vit.width ({self.width}) must be divisible by vit.num_heads ({self.num_heads}).")
-    require(self.image_size % self.patch_size == 0,
-            f"vit.image_size ({self.image_size}) must be a multiple of vit.patch_size "
-            f"({self.patch_size}); pick an image size of k * {self.patch_size}.")
     require(self.posemb in POSEMB_TYPES,
             f"vit.posemb must be one of {POSEMB_TYPES}, got {self.posemb!r}.")
     require(self.posemb != "sincos2d" or self.width % 4 == 0,

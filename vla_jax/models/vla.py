@@ -322,7 +322,3 @@ def vla_config(name: str = "tiny") -> VLAConfig:
   "paligemma_3b"."""
   return _preset(name)
 
-
-def config_to_dict(config) -> Dict[str, Any]:
-  """A (nested) config dataclass as plain dicts, e.g. for JSON or ConfigDict."""
-  return dataclasses.asdict(config)

@@ -22,7 +22,6 @@ import re
 from typing import Any, List, Mapping, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import CheckpointError
@@ -173,8 +172,3 @@ def load_student(path: str, config: VLAConfig, fmt: str = "hf", *, shardings: An
                           "'big_vision' (PaliGemma), or 'orbax' for a converted checkpoint.")
   return loader(path, config, shardings=shardings)
 
-
-def cast_like(params: Any, dtype=jnp.float32) -> Any:
-  """All floating leaves cast to `dtype` (export helper)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
