@@ -22,6 +22,7 @@ setup(
         "tensorflow-cpu>=2.16,<2.22; platform_machine == 'x86_64'",
         "tensorflow>=2.16,<2.22; platform_machine != 'x86_64'",
         "tensorflow-datasets>=4.9.6,<5",
+        "importlib_resources>=6",  # tfds needs it to write datasets, but does not declare it
         "sentencepiece>=0.2,<0.3",
         "absl-py>=2",
         "tqdm>=4.66",
