@@ -19,8 +19,11 @@ class _CountingSource(dict):
     self.reads.append(key)
     return super().__getitem__(key)
 
-  def shape(self, key):  # like the lazy readers: shapes come from headers
+  def shape(self, key):  # like the lazy readers: shapes and dtypes come from headers
     return dict.__getitem__(self, key).shape
+
+  def dtype(self, key):
+    return dict.__getitem__(self, key).dtype
 
 
 def _expected():
@@ -71,3 +74,10 @@ def test_casts_to_the_model_dtype():
             "l.0.w": np.zeros(5, np.float16), "l.1.w": np.zeros(5, np.float16)}
   params = load_params(source, _rules(), _expected())
   assert params["dense"]["kernel"].dtype == np.float32
+
+
+def test_integer_tensor_for_float_parameter_is_reported():
+  source = {"fc.weight": np.zeros((3, 4), np.int64), "l.0.w": np.zeros(5, np.float32),
+            "l.1.w": np.zeros(5, np.float32)}
+  with pytest.raises(CheckpointError, match="wrong dtype .*fc.weight is int64"):
+    load_params(source, _rules(), _expected())

@@ -72,6 +72,12 @@ def _shape_of(source, name):
   return tuple(np.shape(source[name]))
 
 
+def _dtype_of(source, name) -> np.dtype:
+  if hasattr(source, "dtype") and callable(getattr(source, "dtype")):
+    return np.dtype(source.dtype(name))
+  return np.asarray(source[name]).dtype
+
+
 def _fmt(items: Iterable[str]) -> str:
   items = sorted(items)
   shown = ", ".join(items[:_SHOW])
@@ -81,6 +87,10 @@ def _fmt(items: Iterable[str]) -> str:
 def check_rules(source: Mapping[str, Any], rules: Sequence[Rule], expected: Mapping[str, Any],
                 ignore: Sequence[str] = (), source_name: str = "checkpoint") -> None:
   """Raises CheckpointError listing every mismatch between checkpoint, rules and model.
+
+  Mismatches: checkpoint tensors no rule reads (unless ignored), tensors rules need but
+  the checkpoint lacks, shapes that differ after the transform, non-float tensors where
+  the model has float parameters (and vice versa), and model parameters no rule fills.
 
   Args:
     source: flat checkpoint mapping (name -> array-like; may be lazy).
@@ -97,12 +107,18 @@ def check_rules(source: Mapping[str, Any], rules: Sequence[Rule], expected: Mapp
   uncovered = sorted(set(expected) - targets)
   problems = []
   misshaped = []
+  mistyped = []
   for rule in rules:
     if rule.target not in expected:
       problems.append(f"rule targets {rule.target!r}, which the model does not have")
       continue
     if any(s not in names for s in rule.sources):
       continue
+    want_kind = np.dtype(expected[rule.target].dtype).kind
+    for s in rule.sources:  # e.g. integer ids where float weights belong: not castable
+      if (want_kind == "f") != (_dtype_of(source, s).kind in "fV"):
+        mistyped.append(f"{s} is {_dtype_of(source, s)}, {rule.target} needs "
+                        f"{np.dtype(expected[rule.target].dtype)}")
     want = tuple(expected[rule.target].shape)
     try:
       got = tuple(rule.transform(*[_fake(_shape_of(source, s), np.float32)
@@ -119,6 +135,8 @@ def check_rules(source: Mapping[str, Any], rules: Sequence[Rule], expected: Mapp
     lines.append(f"unexpected in the {source_name} ({len(unexpected)}): {_fmt(unexpected)}")
   if misshaped:
     lines.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped[:_SHOW]))
+  if mistyped:
+    lines.append(f"wrong dtype ({len(mistyped)}): " + "; ".join(mistyped[:_SHOW]))
   if uncovered:
     lines.append(f"model parameters no tensor maps to ({len(uncovered)}): {_fmt(uncovered)}")
   lines += problems

@@ -81,6 +81,9 @@ class _SafetensorsFile:
   def shape(self, name: str):
     return self._entries[name][1]
 
+  def dtype(self, name: str) -> np.dtype:
+    return self._entries[name][0]
+
 
 class SafetensorsReader(Mapping):
   """Read-only mapping from tensor name to a lazily mapped numpy array."""
@@ -103,6 +106,9 @@ class SafetensorsReader(Mapping):
 
   def shape(self, name: str):
     return self._files[self._where[name]].shape(name)
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._files[self._where[name]].dtype(name)
 
 
 def open_safetensors(path: str) -> SafetensorsReader:
