@@ -149,3 +149,18 @@ def test_errors(tmp_path, tokenizer):
     Tokenizer.from_path(tmp_path / "vocab.txt")
   with pytest.raises(InputError, match="str"):
     tokenizer.encode(["not", "a", "string"])
+
+
+def test_train_sentencepiece_is_deterministic_and_round_trips(tmp_path):
+  from vla_jax.text import train_sentencepiece
+  texts = [openvla_prompt(f"put the {c} {s} on the {r}") for c in ("red", "blue", "green")
+           for s in ("cube", "ball", "star") for r in ("plate", "board", "bowl")] * 5
+  a = train_sentencepiece(texts, tmp_path / "a.model", vocab_size=320)
+  b = train_sentencepiece(texts, tmp_path / "b.model", vocab_size=320)
+  assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+  ids = a.encode(openvla_prompt("put the red cube on the bowl"))
+  assert ids[0] == a.bos_id == 1 and a.eos_id == 2 and max(ids) < a.vocab_size <= 320
+  assert a.decode(ids) == openvla_prompt("put the red cube on the bowl")
+  unseen = "Zebra #9 ünïcode"  # byte fallback: characters never seen still round-trip
+  assert a.decode(a.encode(unseen, add_bos=False)) == unseen
+  assert b.encode("put the blue star on the plate") == a.encode("put the blue star on the plate")

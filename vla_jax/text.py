@@ -261,3 +261,35 @@ def paligemma_inputs(tokenizer: Tokenizer, prefix: str,
     tail = [int(i) for i in suffix_ids] + [_eos_id(tokenizer)]
   ids = np.asarray(head + tail, np.int32)
   return ids, np.arange(len(ids)) >= len(head)
+
+
+# ---------------------------------------------------------------------------------------
+# A small tokenizer for self-contained runs.
+# ---------------------------------------------------------------------------------------
+def train_sentencepiece(texts: Sequence[str], path, vocab_size: int = 512) -> "Tokenizer":
+  """Trains a Llama-style SentencePiece BPE model on `texts`, writes it to `path`.
+
+  The embedded default trains on the bundled dataset's prompts so that a fresh machine
+  needs no external tokenizer; ids 0/1/2 are unk/BOS/EOS as in Llama-2, and byte
+  fallback (as Llama-2) encodes characters never seen in training. Training is
+  single-threaded, hence deterministic for the same texts.
+  """
+  import io
+  import sentencepiece as spm
+  texts = [t for t in texts if t]
+  if not texts:
+    raise InputError("train_sentencepiece needs at least one non-empty text.")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+      model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      hard_vocab_limit=False, num_threads=1, byte_fallback=True, minloglevel=2,
+      # Llama-2's settings: text kept as is (newlines included), digits split.
+      normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+      allow_whitespace_only_pieces=True)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_bytes(model.getvalue())
+  tmp.replace(path)
+  return Tokenizer.from_path(path)
