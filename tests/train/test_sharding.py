@@ -1,0 +1,69 @@
+"""Sharded training on 8 fake CPU devices (in a subprocess) and the partition rules."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tests.conftest import REPO
+from vla_jax.errors import ConfigError
+from vla_jax.train import sharding as sharding_lib
+
+
+@pytest.fixture(scope="module")
+def report():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  result = subprocess.run([sys.executable, "-m", "tests.train.multidevice_script"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["data", "fsdp", "fsdp_tensor"])
+def test_meshes_match_one_device(report, mesh):
+  entry = report["meshes"][mesh]
+  assert entry["loss_diff"] < 1e-5 and entry["metric_diff"] < 1e-4
+  assert entry["param_diff"] < 1e-5
+
+
+def test_parameters_are_actually_sharded(report):
+  meshes = report["meshes"]
+  assert meshes["data"]["lm_head_spec"] == [None, None]
+  assert "fsdp" in meshes["fsdp"]["lm_head_spec"]
+  assert meshes["fsdp"]["teacher_embedding_spec"] != [None, None, None]
+  assert meshes["fsdp_tensor"]["q_proj_spec"][-1] == "tensor"
+  assert meshes["fsdp_tensor"]["lm_head_spec"] == ["fsdp", "tensor"]
+
+
+def test_batch_that_does_not_divide_the_mesh_is_rejected(report):
+  data_parallel = {"data": 8, "fsdp": 8, "fsdp_tensor": 4}  # data x fsdp devices
+  for name, mesh in report["meshes"].items():
+    assert "global batch size 6" in mesh["bad_batch_error"]
+    assert f"multiple of {data_parallel[name]}" in mesh["bad_batch_error"]
+
+
+def test_restore_onto_fewer_devices(report):
+  for count, entry in report["restore"].items():
+    assert entry["diff"] == 0.0 and entry["opt_diff"] == 0.0
+    assert entry["devices"] == int(count)
+    assert entry["position"] == {"examples_seen": 8}
+
+
+def test_partition_rules():
+  mesh = sharding_lib.make_mesh(sharding_lib.ShardingConfig(), jax.devices()[:1])
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  config = sharding_lib.ShardingConfig(overrides=((r"lm_head/kernel$", (None, "data")),))
+  spec = sharding_lib.partition_spec("llm/lm_head/kernel", (8, 16), mesh, config)
+  assert tuple(spec) == (None, "data")
+  with pytest.raises(ConfigError, match="one entry per axis"):
+    sharding_lib.partition_spec("llm/lm_head/kernel", (8, 16, 2), mesh, config)
+  with pytest.raises(ConfigError, match="at most one mesh axis"):
+    sharding_lib.ShardingConfig(data=-1, fsdp=-1)
+  with pytest.raises(ConfigError, match="uses 4 devices"):
+    sharding_lib.mesh_shape(sharding_lib.ShardingConfig(data=2, fsdp=2), 8)
+  assert sharding_lib.mesh_shape(sharding_lib.ShardingConfig(data=2, fsdp=-1, tensor=2), 8) == (
+      2, 2, 2)

@@ -1,0 +1,151 @@
+"""The fused train step: SFT equivalence, frozen parts, LoRA, accumulation, alignment."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.train.helpers import ACTION_TOKENIZER, make_batch, small_experiment
+from tests.train.helpers import _config, _run, _with_coeff
+from vla_jax.errors import ConfigError, InputError
+from vla_jax.models.vla import vla_config
+from vla_jax.train import state as state_lib
+from vla_jax.train import step as step_lib
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_setup):
+  return tiny_setup
+
+
+def test_text_to_sequence_positions():
+  openvla, paligemma = vla_config("tiny"), vla_config("tiny_paligemma")
+  n = openvla.num_visual_tokens
+  np.testing.assert_array_equal(step_lib.text_to_sequence_positions(openvla, 4),
+                                [0, 1 + n, 2 + n, 3 + n])
+  np.testing.assert_array_equal(step_lib.text_to_sequence_positions(paligemma, 3),
+                                [n, 1 + n, 2 + n])
+  # Logits whose value is their sequence index: text token t is predicted at seq(t) - 1.
+  logits = jnp.broadcast_to(jnp.arange(4 + n, dtype=jnp.float32)[None, :, None], (1, 4 + n, 2))
+  picked = step_lib.target_logits(openvla, logits)[0, :, 0]
+  np.testing.assert_array_equal(picked, [0, n, n + 1, n + 2])
+
+
+def test_action_metrics_of_perfect_logits():
+  experiment = small_experiment()
+  config = experiment.model
+  batch = make_batch(3)
+  tokens = batch["tokens"]
+  length = tokens.shape[1]
+  # Logits that put all mass on the true next token at every sequence position.
+  seq = step_lib.text_to_sequence_positions(config, length)
+  logits = np.zeros((tokens.shape[0], length + config.num_visual_tokens, 384), np.float32)
+  for b in range(tokens.shape[0]):
+    for t in range(1, length):
+      logits[b, seq[t] - 1, tokens[b, t]] = 30.0
+  sums = step_lib._action_sums(config, ACTION_TOKENIZER, jnp.asarray(logits),
+                               jax.tree.map(jnp.asarray, batch))
+  assert float(sums["correct"]) == float(sums["num_action_tokens"]) == 4 * 3
+  expected_l1 = np.abs(ACTION_TOKENIZER.decode(ACTION_TOKENIZER.encode(batch["actions"]))
+                       - batch["actions"]).sum()
+  np.testing.assert_allclose(float(sums["l1_sum"]), expected_l1, rtol=1e-5)
+  assert float(sums["nll_sum"]) < 1e-6 * 20
+
+
+def _plain_sft_update(models, experiment, params, batch, train_config):
+  """An SFT step written from scratch: CE on the targets, clip, AdamW, one update."""
+  n = experiment.model.num_visual_tokens
+
+  rows, cols = np.nonzero(batch["loss_mask"])
+  predicted_at = cols + n - 1  # text t >= 1 sits at t + n and is predicted one step earlier
+  targets = batch["tokens"][rows, cols]
+
+  def loss_fn(student):
+    logits = models.student.apply({"params": student}, batch["images"], batch["tokens"],
+                                  batch["input_mask"])["logits"]
+    log_probs = jax.nn.log_softmax(logits[rows, predicted_at], axis=-1)
+    return -jnp.mean(log_probs[np.arange(len(rows)), targets])
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params["student"])
+  tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm),
+                   optax.adamw(train_config.learning_rate, eps=train_config.adam_eps,
+                               weight_decay=train_config.weight_decay))
+  updates, _ = tx.update(grads, tx.init(params["student"]), params["student"])
+  return loss, optax.apply_updates(params["student"], updates)
+
+
+def test_align_coeff_zero_equals_plain_sft(setup):
+  experiment, models, params = setup
+  sft = _with_coeff(experiment, 0.0)
+  # A large Adam epsilon makes the first update ~ -lr * g / (|g| + eps), linear in the
+  # gradient, so tiny gradients do not turn into +-lr sign flips.
+  config = _config(weight_decay=0.01, grad_clip_norm=0.5, learning_rate=1.0, adam_eps=1.0)
+  batch = make_batch(0)
+  state, _, history = _run(sft, models, params, config, [batch])
+  assert "loss/align" not in history[0] and "align/cos_sim" not in history[0]
+  loss, updated = _plain_sft_update(models, sft, params, batch, config)
+  np.testing.assert_allclose(history[0]["loss/action"], loss, rtol=1e-5)
+  np.testing.assert_allclose(history[0]["loss/total"], loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, updated)
+
+
+def test_frozen_parts_get_no_update(setup):
+  experiment, models, params = setup
+  config = _config(trainable="freeze_vision", freeze_projector=True)
+  state, frozen, _ = _run(experiment, models, params, config, [make_batch(0), make_batch(1)])
+  assert set(state.params) == {"llm"} and set(frozen["student"]) == {"siglip", "dino",
+                                                                      "projector"}
+  student = state_lib.student_params(state, frozen, None)
+  for part in ("siglip", "dino", "projector"):
+    jax.tree.map(np.testing.assert_array_equal, student[part], params["student"][part])
+  for part in ("teacher", "projector"):
+    jax.tree.map(np.testing.assert_array_equal, frozen[part], params[part])
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), student["llm"],
+                         params["student"]["llm"])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_lora_trains_only_factors(setup):
+  _, models, params = setup
+  experiment = small_experiment(lora=True)
+  config = _config(trainable="lora")
+  state, frozen, history = _run(experiment, models, params, config,
+                                [make_batch(0), make_batch(1)])
+  assert state.params == {} and state.lora
+  jax.tree.map(np.testing.assert_array_equal, frozen["student"], params["student"])
+  assert all(float(jnp.abs(f["b"]).max()) > 0 for f in state.lora.values())
+  assert np.isfinite(history[-1]["loss/total"])
+  with pytest.raises(ConfigError, match="train.trainable"):
+    state_lib.create_train_state(experiment, _config(trainable="full"), params, jax.random.key(0))
+
+
+def test_schedule_and_config_validation():
+  config = state_lib.TrainConfig(schedule="warmup_cosine", warmup_steps=10, num_steps=100,
+                                 learning_rate=1.0, end_lr_factor=0.1)
+  schedule = state_lib.learning_rate_schedule(config)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(100)) == pytest.approx(0.1)
+  with pytest.raises(ConfigError, match="train.batch_size"):
+    state_lib.TrainConfig(batch_size=6, grad_accum_steps=4)
+  with pytest.raises(ConfigError, match="train.trainable"):
+    state_lib.TrainConfig(trainable="everything")
+  with pytest.raises(ConfigError, match="train.remat_policy"):
+    state_lib.TrainConfig(remat_policy="all")
+
+
+def test_bad_batch_is_rejected(setup):
+  batch = make_batch(0)
+  with pytest.raises(InputError, match="missing"):
+    step_lib.check_batch({k: v for k, v in batch.items() if k != "actions"})
+  with pytest.raises(InputError, match="grad_accum_steps"):
+    step_lib.check_batch(batch, 3)
+
+
+def test_train_overrides_set_dtype_and_remat(setup):
+  experiment = setup[0]
+  changed = state_lib.apply_train_overrides(
+      experiment, state_lib.TrainConfig(compute_dtype="bfloat16", remat_policy="dots_saveable"))
+  assert changed.model.llm.dtype == "bfloat16" and changed.model.llm.remat
+  assert changed.model.siglip.dtype == changed.teacher.vit.dtype == "bfloat16"
