@@ -55,7 +55,8 @@ def main():
   rng = np.random.default_rng(0)
   size = experiment.model.image_size
   images = jnp.asarray(rng.uniform(size=(args.batch, size, size, 3)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(3, 32000, size=(args.batch, 24)), jnp.int32).at[:, 0].set(1)
+  vocab = experiment.model.llm.vocab_size - 64  # ids the tokenizer can produce
+  tokens = jnp.asarray(rng.integers(3, vocab, size=(args.batch, 24)), jnp.int32).at[:, 0].set(1)
   optimizer = optax.adamw(5e-4)
   coeff = experiment.align.align_coeff
 

@@ -75,7 +75,7 @@ def bench_teacher(args, tmp):
 def _student(name):
   if name == "tiny":  # configs/align.py:tiny
     return dict(size=64, patch=8, tower_width=64, tower_depth=3, tower_heads=4,
-                llm=dict(vocab_size=32064, width=128, depth=4, num_heads=4, num_kv_heads=2,
+                llm=dict(vocab_size=576, width=128, depth=4, num_heads=4, num_kv_heads=2,
                          mlp_dim=256))
   return dict(size=112, patch=14, tower_width=256, tower_depth=7, tower_heads=4,
               llm=dict(vocab_size=32064, width=512, depth=8, num_heads=8, num_kv_heads=8,
@@ -105,7 +105,7 @@ def bench_student(args, tmp, name):
   params = vla_weights.load_hf_openvla(path, config)
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(args.batch, spec["size"], spec["size"], 3)).astype(np.float32)
-  tokens = rng.integers(3, 32000, size=(args.batch, 24)).astype(np.int32)
+  tokens = rng.integers(3, llm["vocab_size"] - 64, size=(args.batch, 24)).astype(np.int32)
   tokens[:, 0] = 1
   mask = np.ones_like(tokens, dtype=bool)
   model = VLA(config)

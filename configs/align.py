@@ -18,6 +18,8 @@ from vla_jax.models import align as align_lib
 from vla_jax.models import lora as lora_lib
 from vla_jax.models import teacher as teacher_lib
 from vla_jax.models import vla as vla_lib
+from vla_jax.train import sharding as sharding_lib
+from vla_jax.train import state as state_lib
 
 # preset -> (student preset, teacher preset, LoRA on?)
 PRESETS = {
@@ -34,6 +36,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown preset {preset!r} for configs/align.py; choose one of "
                      f"{', '.join(PRESETS)} (e.g. --config=configs/align.py:openvla_7b).")
   student_name, teacher_name, use_lora = PRESETS[preset]
+  tiny = preset.startswith("tiny")
   student = vla_lib.vla_config(student_name)
   teacher = teacher_lib.teacher_config(teacher_name, student_grid=student.grid)
 
@@ -44,7 +47,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.teacher = dataclasses.asdict(teacher)
   config.align = dataclasses.asdict(align_lib.AlignConfig(
       align_layer=student.llm.depth // 2, align_coeff=0.2,
-      projector_width=256 if preset.startswith("tiny") else 2048))
+      projector_width=256 if tiny else 2048))
   # The paper's "all linear layers": every Dense/einsum kernel except the output head and
   # the convolutional patch embeddings.
   config.lora = dict(enabled=use_lora, **dataclasses.asdict(lora_lib.LoraConfig(
@@ -53,7 +56,29 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # directory or .safetensors), "big_vision" (.npz, `file.npz:subtree` allowed), "orbax"
   # (the output of --mode=convert).
   config.weights = dict(student="", student_format="hf", teacher="", teacher_format="big_vision")
-  # Tokenizer: a SentencePiece .model or a HF tokenizer directory ("" = none).
-  config.tokenizer = ""
-  config.batch_size = 2
+  # Tokenizer: a SentencePiece .model, a HF tokenizer directory, or "bundled" (a small
+  # Llama-style model trained on the bundled dataset's prompts, built on first use).
+  # OpenVLA-7B needs Llama-2's: --config.tokenizer=/path/to/llama2/tokenizer.model
+  config.tokenizer = "bundled" if tiny else ""
+  config.batch_size = 2  # --mode=describe only; training uses train.batch_size
+
+  # Optimisation: the paper's AdamW at a constant 5e-4, batch 8, 60k steps; the tiny
+  # default trains the whole (small) student for a few hundred steps.
+  config.train = dataclasses.asdict(state_lib.TrainConfig(
+      trainable="lora" if use_lora else "full", batch_size=8,
+      num_steps=300 if tiny else 60_000))
+  config.sharding = dataclasses.asdict(sharding_lib.ShardingConfig())
+  config.distributed = False  # True: jax.distributed.initialize() (multi-host)
+  # Input pipeline (vla_jax.data.pipeline.DataConfig; batch size, image size, tokenizer
+  # and seed come from train / model / tokenizer / seed). A "tabletop" source with an
+  # empty data_dir is the bundled dataset; add Open-X sources with their data_dir.
+  config.data = dict(
+      sources=[dict(name="tabletop", data_dir="", weight=1.0, split="train")],
+      shuffle_buffer=2_000 if tiny else 100_000, max_length=48 if tiny else 64)
+  config.log_every = 10 if tiny else 100
+  config.eval_every = 100 if tiny else 2_000
+  config.eval_batches = 4
+  config.checkpoint_every = 100 if tiny else 2_000
+  config.keep_checkpoints = 3
+  config.keep_period = 0  # also keep every K-th step (0 = no)
   return config

@@ -29,3 +29,8 @@ def shared_data() -> pathlib.Path:
   if not path.exists():
     pytest.fail(f"Shared data not found at {path}; set VLA_JAX_SHARED_DATA.")
   return path
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: end-to-end or multi-process tests (deselect with -m 'not slow')")

@@ -26,6 +26,7 @@ def _config(preset="tiny"):
 def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
   config = _config()
   config.tokenizer = str(shared_data / "tokenizers" / "llama2.model")
+  config.model.llm.vocab_size = 32064  # Llama-2's 32000 ids + <PAD>, padded to 64
   summary = main_lib.describe(config, str(tmp_path))
   assert summary["visual_tokens"] == {"start": 1, "count": 64, "grid": 8}
   assert summary["align_hidden_shape"] == [2, 64, 128]
@@ -76,3 +77,11 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
   assert result.returncode != 0
   assert "error: No checkpoint at" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_describe_rejects_a_tokenizer_larger_than_the_vocabulary(tmp_path, shared_data):
+  config = _config()
+  config.tokenizer = str(shared_data / "tokenizers" / "llama2.model")
+  from vla_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="vocab_size=32064"):
+    main_lib.describe(config, str(tmp_path))

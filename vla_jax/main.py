@@ -1,14 +1,16 @@
 """Command-line entry point: `python -m vla_jax.main --config=configs/align.py[:PRESET]`.
 
 Modes (`--mode`):
-  describe  (default) build the student, teacher and alignment projector of the config,
+  train     (default) train or resume the experiment in WORKDIR: the embedded default is
+            the tiny student on the bundled tabletop dataset on CPU (a few minutes);
+            checkpoints, TensorBoard logs, metrics.jsonl, loss_curves.png, summary.json.
+  describe  build the student, teacher and alignment projector of the config,
             load any checkpoints it names, run one jitted aligned forward pass on a
             batch and report parameter counts, the visual-token bookkeeping, the
             alignment loss and timings; writes `WORKDIR/describe.json`.
   convert   turn the local checkpoints named in `config.weights` (HF safetensors or
             big_vision .npz) into Orbax checkpoints under `WORKDIR/converted/` that
             later runs load with `--config.weights.student_format=orbax`.
-Training (`train`) arrives with the training system; see README.md.
 """
 
 import json
@@ -28,6 +30,7 @@ from vla_jax import experiment as experiment_lib
 from vla_jax import modeling
 from vla_jax import text as text_lib
 from vla_jax.errors import VlaJaxError
+from vla_jax.train import loop
 from vla_jax.weights import convert as convert_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,7 +38,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file, optionally with a preset: configs/align.py:openvla_7b.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "describe", ["describe", "convert"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert"], "What to do.")
 
 _INSTRUCTION = "put the carrot on the plate"
 
@@ -49,12 +52,13 @@ def _demo_batch(config, experiment, batch_size: int):
   rng = np.random.default_rng(config.seed)
   size = experiment.model.image_size
   images = rng.uniform(size=(batch_size, size, size, 3)).astype(np.float32)
-  if config.tokenizer:
+  if config.tokenizer and config.tokenizer != "bundled":
     tokenizer = text_lib.Tokenizer.from_path(config.tokenizer)
+    loop.check_vocab(tokenizer, experiment)
     ids = tokenizer.encode(text_lib.openvla_prompt(_INSTRUCTION))
     source = f"tokenizer {config.tokenizer}"
   else:
-    ids = [1] + list(rng.integers(3, 32000, size=15))
+    ids = [1] + list(rng.integers(3, experiment.model.llm.vocab_size - 64, size=15))
     source = "synthetic ids (set --config.tokenizer=PATH for a real prompt)"
   tokens = np.tile(np.asarray(ids, np.int32), (batch_size, 1))
   return images, tokens, source
@@ -132,7 +136,10 @@ def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    if _MODE.value == "describe":
+    if _MODE.value == "train":
+      summary = loop.train(config, workdir)
+      print(json.dumps(summary, indent=2))
+    elif _MODE.value == "describe":
       summary = describe(config, workdir)
       print(json.dumps(summary, indent=2))
     else:

@@ -16,7 +16,7 @@ def tiny():
   config = vla_config("tiny")
   model = VLA(config)
   images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
-  tokens = jax.random.randint(jax.random.key(1), (2, 6), 3, 32000).at[:, 0].set(1)
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 3, 512).at[:, 0].set(1)
   params = jax.jit(model.init)(jax.random.key(2), images, tokens)["params"]
   return config, model, params, images, tokens
 
@@ -25,7 +25,7 @@ def test_outputs_and_visual_positions(tiny):
   config, model, params, images, tokens = tiny
   out = model.apply({"params": params}, images, tokens, align_layer=2, return_all_hidden=True)
   n = config.num_visual_tokens
-  assert out["logits"].shape == (2, 6 + n, 32064)
+  assert out["logits"].shape == (2, 6 + n, config.llm.vocab_size)
   np.testing.assert_array_equal(out["visual_positions"], np.arange(1, 1 + n))
   # The captured slice is exactly layer 2's hidden state at the visual positions.
   np.testing.assert_allclose(out["align_hidden"], out["hidden"][2][:, 1:1 + n], atol=1e-6)

@@ -12,6 +12,8 @@ from tests.conftest import REPO
 from vla_jax.errors import ConfigError
 from vla_jax.train import sharding as sharding_lib
 
+pytestmark = pytest.mark.slow  # end-to-end / multi-process
+
 
 @pytest.fixture(scope="module")
 def report():

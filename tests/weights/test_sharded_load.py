@@ -8,7 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # end-to-end / multi-process
 
 _SCRIPT = textwrap.dedent("""
     import jax, numpy as np

@@ -299,17 +299,17 @@ def _preset(name: str) -> VLAConfig:
     return VLAConfig("paligemma", llm_lib.llm_config("gemma_2b"), siglip, None, 224)
   if name == "tiny":
     # OpenVLA's layout at CPU size: 64 px images, 8x8 visual tokens, a 4-block Llama
-    # with Llama-2's real (padded) vocabulary so the real tokenizer and actions apply.
+    # whose vocabulary fits the bundled 512-id tokenizer + <PAD>, padded to 64 (576).
     siglip, dino = _openvla_towers(
         64, dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8),
         dict(width=64, depth=2, num_heads=4, patch_size=8))
-    llm = llm_lib.llm_config("tiny_llama", vocab_size=32064, width=128, depth=4, num_heads=4,
+    llm = llm_lib.llm_config("tiny_llama", vocab_size=576, width=128, depth=4, num_heads=4,
                              num_kv_heads=2, mlp_dim=256)
     return VLAConfig("openvla", llm, siglip, dino, 64)
   if name == "tiny_paligemma":
     siglip = vit_lib.ViTConfig(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8,
                                image_size=64, pool_type="none")
-    llm = llm_lib.llm_config("tiny_gemma", vocab_size=32064, width=128, depth=4)
+    llm = llm_lib.llm_config("tiny_gemma", vocab_size=576, width=128, depth=4)
     return VLAConfig("paligemma", llm, siglip, None, 64)
   raise ConfigError(f"Unknown VLA preset {name!r}; known presets: {', '.join(VLA_PRESETS)}.")
 

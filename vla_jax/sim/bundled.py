@@ -61,3 +61,31 @@ def bundled_dataset_dir(cache_dir: Optional[str] = None, *, num_train: int = NUM
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return path
+
+
+TOKENIZER_VOCAB = 512
+
+
+def bundled_tokenizer_path(cache_dir: Optional[str] = None) -> str:
+  """A Llama-style SentencePiece model trained on the bundled dataset's prompts.
+
+  Built on first use next to the dataset (deterministic for the same dataset), so the
+  embedded default needs no external tokenizer. 512 ids (byte fallback keeps any text
+  encodable); OpenVLA's action tokens are its last 256 ids, as with Llama-2.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from vla_jax import text  # pylint: disable=g-import-not-at-top
+  dataset = bundled_dataset_dir(cache_dir)
+  path = os.path.join(os.path.dirname(os.path.dirname(dataset)),
+                      f"tokenizer_{TOKENIZER_VOCAB}.model")
+  if os.path.exists(path):
+    return path
+  builder = tfds.builder_from_directory(dataset)
+  instructions = sorted({
+      step["language_instruction"].numpy().decode()
+      for episode in builder.as_dataset(split="train")
+      for step in episode["steps"].take(1)})
+  prompts = [text.openvla_prompt(i) for i in instructions]
+  text.train_sentencepiece(prompts, path, vocab_size=TOKENIZER_VOCAB)
+  logging.info("Trained the bundled tokenizer on %d prompts: %s", len(prompts), path)
+  return path

@@ -1,0 +1,78 @@
+"""The training loop end to end on a small tabletop dataset: logs, checkpoints, resume."""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO
+from vla_jax.errors import ConfigError
+from vla_jax.sim import bundled
+from vla_jax.text import openvla_prompt, train_sentencepiece
+from vla_jax.train import loop
+
+pytestmark = pytest.mark.slow  # end-to-end / multi-process
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+  """A 12-episode tabletop dataset and a tokenizer trained on its prompts."""
+  root = tmp_path_factory.mktemp("tabletop")
+  data_dir = bundled.bundled_dataset_dir(str(root), num_train=12, num_val=4, progress=False)
+  prompts = [openvla_prompt(f"put the {o} on the plate") for o in ("cube", "ball", "star")]
+  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300)
+  return data_dir, str(tokenizer.path)
+
+
+def _config(small_data, steps, **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  data_dir, tokenizer = small_data
+  config.tokenizer = tokenizer
+  config.data.sources[0]["data_dir"] = data_dir
+  config.data.shuffle_buffer = 64
+  config.train.num_steps = steps
+  config.train.batch_size = 4
+  config.log_every, config.checkpoint_every, config.eval_every = 1, 3, 0
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row["loss/total"] for row in map(json.loads, f)}
+
+
+def test_resumed_run_continues_with_the_same_losses(small_data, tmp_path):
+  straight = loop.train(_config(small_data, 6), str(tmp_path / "straight"))
+  loop.train(_config(small_data, 3), str(tmp_path / "resumed"))
+  resumed = loop.train(_config(small_data, 6), str(tmp_path / "resumed"))
+  assert resumed["resumed_from"] == 3 and straight["resumed_from"] == 0
+  a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+  assert sorted(b) == [1, 2, 3, 4, 5, 6]
+  for step in (4, 5, 6):
+    assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+  for name in ("loss_curves.png", "summary.json", "norm_stats.json"):
+    assert os.path.exists(tmp_path / "resumed" / name)
+  assert os.listdir(tmp_path / "resumed" / "tensorboard")
+  assert straight["checkpoint_steps"] == [3, 6]
+
+
+def test_config_errors_before_compiling(small_data, tmp_path):
+  with pytest.raises(ConfigError, match="derived"):
+    loop.train(_config(small_data, 2, **{"data.global_batch_size": 4}), str(tmp_path))
+  with pytest.raises(ConfigError, match="vocab_size"):
+    loop.train(_config(small_data, 2, **{"model.llm.vocab_size": 128}), str(tmp_path))
+  config = _config(small_data, 2)
+  config.data.sources[0]["name"] = "bridge_dataset"
+  config.data.sources[0]["data_dir"] = ""
+  with pytest.raises(ConfigError, match="needs a data_dir"):
+    loop.train(config, str(tmp_path))
