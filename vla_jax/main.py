@@ -8,6 +8,9 @@ Modes (`--mode`):
             load any checkpoints it names, run one jitted aligned forward pass on a
             batch and report parameter counts, the visual-token bookkeeping, the
             alignment loss and timings; writes `WORKDIR/describe.json`.
+  export    write WORKDIR's latest checkpoint as a standalone inference policy (LoRA merged,
+            `--export_dtype`, normalisation statistics inside) to `--export_dir`
+            (default WORKDIR/export); `vla_jax.train.checkpoint.load_policy_params` reads it.
   convert   turn the local checkpoints named in `config.weights` (HF safetensors or
             big_vision .npz) into Orbax checkpoints under `WORKDIR/converted/` that
             later runs load with `--config.weights.student_format=orbax`.
@@ -30,6 +33,7 @@ from vla_jax import experiment as experiment_lib
 from vla_jax import modeling
 from vla_jax import text as text_lib
 from vla_jax.errors import VlaJaxError
+from vla_jax.train import checkpoint as train_checkpoint
 from vla_jax.train import loop
 from vla_jax.weights import convert as convert_lib
 
@@ -38,7 +42,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file, optionally with a preset: configs/align.py:openvla_7b.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert", "export"],
+                          "What to do.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output directory.")
+_EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", None, ["float32", "bfloat16", "float16"],
+                                  "--mode=export: cast the exported params (default: as trained).")
 
 _INSTRUCTION = "put the carrot on the plate"
 
@@ -139,6 +147,10 @@ def main(argv):
     if _MODE.value == "train":
       summary = loop.train(config, workdir)
       print(json.dumps(summary, indent=2))
+    elif _MODE.value == "export":
+      out = _EXPORT_DIR.value or os.path.join(workdir, "export")
+      print("exported policy:", train_checkpoint.export_latest(
+          os.path.join(workdir, "checkpoints"), out, dtype=_EXPORT_DTYPE.value))
     elif _MODE.value == "describe":
       summary = describe(config, workdir)
       print(json.dumps(summary, indent=2))

@@ -64,6 +64,23 @@ def test_resumed_run_continues_with_the_same_losses(small_data, tmp_path):
     assert os.path.exists(tmp_path / "resumed" / name)
   assert os.listdir(tmp_path / "resumed" / "tensorboard")
   assert straight["checkpoint_steps"] == [3, 6]
+  _check_export(tmp_path / "resumed")
+
+
+def _check_export(workdir):
+  """--mode=export of the run reproduces the run's inference params and statistics."""
+  import jax
+  import numpy as np
+  from vla_jax import modeling
+  from vla_jax.train import checkpoint
+  path = checkpoint.export_latest(str(workdir / "checkpoints"), str(workdir / "export"))
+  params, experiment, norm_stats, assets = checkpoint.load_policy_params(path)
+  manager = checkpoint.make_manager(str(workdir / "checkpoints"), async_save=False)
+  abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
+  trained = checkpoint.restore_params(manager, abstract)
+  jax.tree.map(np.testing.assert_array_equal, params, trained)
+  assert assets["source_step"] == 6 and set(norm_stats) == {"tabletop"}
+  assert experiment.lora is None
 
 
 def test_config_errors_before_compiling(small_data, tmp_path):

@@ -38,6 +38,9 @@ from vla_jax.data import traj_transforms as tt
 from vla_jax.errors import InputError
 from vla_jax.typed_config import from_mapping, require, require_positive_ints
 
+# TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
+tf.config.set_visible_devices([], "GPU")
+
 NORMALIZATION_MODES = ("bounds_q99", "normal")
 
 

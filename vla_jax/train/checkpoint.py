@@ -242,3 +242,28 @@ def load_policy_params(path: str, shardings: Any = None
     params = checkpointer.restore(path, ocp.args.Composite(
         params=ocp.args.StandardRestore(target)))["params"]
   return params, experiment, norm_stats_from_assets(assets), assets
+
+
+def export_latest(run_dir: str, path: str, *, dtype: Optional[str] = None,
+                  step: Optional[int] = None) -> str:
+  """Exports a run's checkpoint (latest step by default) as a standalone policy.
+
+  Args:
+    run_dir: the run's checkpoint directory (`WORKDIR/checkpoints`).
+    path: output directory (must not exist).
+    dtype: cast floating params, e.g. "bfloat16"; None keeps float32.
+  Returns:
+    The export path; `load_policy_params(path)` reads it back.
+  """
+  manager = make_manager(run_dir, async_save=False)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {run_dir}; train first (--mode=train).")
+  assets = manager.restore(int(step), args=ocp.args.Composite(
+      assets=ocp.args.JsonRestore()))["assets"]
+  experiment = experiment_from_assets(assets)
+  abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
+  params = restore_params(manager, abstract, step=step)
+  manager.close()
+  return export(path, params, experiment, norm_stats_from_assets(assets), dtype=dtype,
+                tokenizer=assets.get("tokenizer", ""), extra={"source_step": int(step)})
