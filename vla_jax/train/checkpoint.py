@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -34,6 +33,7 @@ from vla_jax.actions import NormStats
 from vla_jax.errors import CheckpointError
 from vla_jax.experiment import Experiment, parse_config
 from vla_jax.train.state import TrainState
+from vla_jax.weights import convert as convert_lib
 
 ITEMS = ("train_state", "params", "assets", "data_iterator")
 EXPORT_FORMAT_VERSION = 1
@@ -193,25 +193,12 @@ def export(path: str, params: Any, experiment: Experiment, norm_stats: Mapping[s
   Returns:
     The absolute path written. Writes go to `path + ".partial"` renamed at the end.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise CheckpointError(f"{path} already exists; refusing to overwrite it. Remove it or "
-                          "choose another export directory.")
-  if dtype is not None:
-    params = jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   assets = _jsonable({
       "format_version": EXPORT_FORMAT_VERSION,
       "config": experiment_to_config(experiment, lora_merged=True),
       "norm_stats": {k: v.to_dict() for k, v in norm_stats.items()},
       "tokenizer": os.fspath(tokenizer), "dtype": dtype or "as_trained", **(extra or {})})
-  tmp = path + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)  # left over by a crashed export
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(tmp, ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                              assets=ocp.args.JsonSave(assets)))
-  os.replace(tmp, path)
-  return path
+  return convert_lib.write_params(path, params, {"assets": assets}, dtype=dtype)
 
 
 def load_policy_params(path: str, shardings: Any = None

@@ -45,20 +45,36 @@ def save_converted(path: str, params: Any, config: Any, *, source: str = "", fmt
   Returns:
     The absolute path written.
   """
+  meta = {"format_version": FORMAT_VERSION, "config": _jsonable(config),
+          "config_type": type(config).__name__, "source": os.fspath(source), "format": fmt}
+  return write_params(path, params, {"meta": meta}, dtype=dtype)
+
+
+def cast_floating(params: Any, dtype: Optional[str]) -> Any:
+  """Floating leaves cast to `dtype` (None: unchanged); integer leaves untouched."""
+  if dtype is None:
+    return params
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def write_params(path: str, params: Any, json_items: Dict[str, Any], *,
+                 dtype: Optional[str] = None) -> str:
+  """Writes a standalone Orbax checkpoint: a `params` item plus JSON items, atomically.
+
+  Refuses an existing `path`; writes `path + ".partial"` (removing a stale one left by a
+  crash) and renames it when complete. Used by conversions and policy exports.
+  """
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path):
     raise CheckpointError(f"{path} already exists; refusing to overwrite it. Remove it or "
                           "choose another output directory.")
-  if dtype is not None:
-    params = jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-  meta = {"format_version": FORMAT_VERSION, "config": _jsonable(config),
-          "config_type": type(config).__name__, "source": os.fspath(source), "format": fmt}
+  items = {"params": ocp.args.StandardSave(cast_floating(params, dtype))}
+  items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
   tmp = path + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)  # left over by a crashed conversion
+  shutil.rmtree(tmp, ignore_errors=True)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(tmp, ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                              meta=ocp.args.JsonSave(meta)))
+    checkpointer.save(tmp, ocp.args.Composite(**items))
   os.replace(tmp, path)
   return path
 
