@@ -28,6 +28,8 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "scipy>=1.10",  # paired Wilcoxon test of evaluation comparisons
+        "scikit-learn>=1.3",  # t-SNE of representations
     ],
     extras_require={
         # Parity tests compare against PyTorch reference implementations on the CPU.

@@ -14,6 +14,7 @@ import dataclasses
 
 import ml_collections
 
+from vla_jax.eval import commands as eval_commands
 from vla_jax.models import align as align_lib
 from vla_jax.models import lora as lora_lib
 from vla_jax.models import teacher as teacher_lib
@@ -81,4 +82,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.checkpoint_every = 100 if tiny else 2_000
   config.keep_checkpoints = 3
   config.keep_period = 0  # also keep every K-th step (0 = no)
+  # Evaluation and analysis modes (eval_sim, open_loop, probe, attention, tsne).
+  config.eval = dataclasses.asdict(eval_commands.EvalConfig())
   return config

@@ -14,6 +14,15 @@ Modes (`--mode`):
   convert   turn the local checkpoints named in `config.weights` (HF safetensors or
             big_vision .npz) into Orbax checkpoints under `WORKDIR/converted/` that
             later runs load with `--config.weights.student_format=orbax`.
+  eval_sim  roll WORKDIR's checkpoint out on every OOD split and the VL-Think suite
+            (`--eval_seeds`, `--eval_splits`); writes WORKDIR/eval_sim/ (results.json,
+            table.md, success.png, strips/). `--compare=SFT=DIR,FREEZE=DIR` adds a paired
+            comparison (compare.md) with workdirs evaluated before.
+  open_loop token accuracy and per-dimension L1 on the val split -> WORKDIR/eval_open_loop.json.
+  probe     linear probes (student layers `--eval_layers`, teacher) -> WORKDIR/probe/.
+  attention normalised attention overlays for "Do you see the {object}?" -> WORKDIR/attention/.
+  tsne      t-SNE of the object token's embedding -> WORKDIR/tsne/.
+  (The analysis modes are documented in vla_jax/eval/commands.py.)
 """
 
 import json
@@ -42,8 +51,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file, optionally with a preset: configs/align.py:openvla_7b.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where outputs are written.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert", "export"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert", "export",
+                                           "eval_sim", "open_loop", "probe", "attention",
+                                           "tsne"], "What to do.")
+_EVAL_SEEDS = flags.DEFINE_integer("eval_seeds", None, "eval_sim: episodes per split.")
+_EVAL_SPLITS = flags.DEFINE_list("eval_splits", None, "eval_sim: split names (default: all "
+                                 "OOD splits and VL-Think).")
+_EVAL_LAYERS = flags.DEFINE_list("eval_layers", None, "probe/attention/tsne: LLM layers.")
+_EVAL_STEP = flags.DEFINE_integer("eval_step", None, "Checkpoint step (default: latest).")
+_COMPARE = flags.DEFINE_list("compare", [], "eval_sim: NAME=WORKDIR entries to compare with.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output directory.")
 _EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", None, ["float32", "bfloat16", "float16"],
                                   "--mode=export: cast the exported params (default: as trained).")
@@ -154,6 +170,16 @@ def main(argv):
     elif _MODE.value == "describe":
       summary = describe(config, workdir)
       print(json.dumps(summary, indent=2))
+    elif _MODE.value in ("eval_sim", "open_loop", "probe", "attention", "tsne"):
+      from vla_jax.eval import commands  # pylint: disable=g-import-not-at-top
+      settings = commands.eval_config(config, {
+          "seeds": _EVAL_SEEDS.value, "splits": _EVAL_SPLITS.value, "step": _EVAL_STEP.value,
+          "layers": [int(x) for x in _EVAL_LAYERS.value] if _EVAL_LAYERS.value else None})
+      if _MODE.value == "eval_sim":
+        summary = commands.run_eval_sim(config, workdir, settings, _COMPARE.value)
+      else:
+        summary = getattr(commands, f"run_{_MODE.value}")(config, workdir, settings)
+      print(json.dumps(summary, indent=2, default=str))
     else:
       for path in convert(config, workdir):
         print(f"converted checkpoint: {path}")

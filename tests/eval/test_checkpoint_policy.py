@@ -1,0 +1,97 @@
+"""End to end: train a few steps, then evaluate the checkpoint (run and export) as a policy."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from vla_jax.errors import CheckpointError
+from vla_jax.eval import commands
+from vla_jax.eval import policy as policy_lib
+from vla_jax.sim import bundled
+from vla_jax.text import openvla_prompt, train_sentencepiece
+from vla_jax.train import checkpoint, loop
+
+pytestmark = pytest.mark.slow  # trains a model
+
+
+def _config(data_dir, tokenizer):
+  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.tokenizer = tokenizer
+  config.data.sources[0]["data_dir"] = data_dir
+  config.data.shuffle_buffer = 64
+  config.data.max_length = 96  # the small test tokenizer needs more ids per prompt
+  config.model.llm.depth = 2
+  config.align.align_layer = 1
+  config.train.num_steps = 2
+  config.train.batch_size = 4
+  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  data_dir = bundled.bundled_dataset_dir(str(root / "data"), num_train=6, num_val=2,
+                                         progress=False)
+  prompts = [openvla_prompt(f"put the {o} on the plate") for o in ("red cube", "carrot")]
+  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300)
+  config = _config(data_dir, str(tokenizer.path))
+  workdir = str(root / "workdir")
+  loop.train(config, workdir)
+  return config, workdir
+
+
+def test_run_checkpoint_policy_returns_finite_actions(trained):
+  _, workdir = trained
+  policy = policy_lib.load_policy(workdir)
+  images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+  actions = policy(images, ["put the red cube on the plate"] * 3, np.zeros((3, 7), np.float32))
+  assert actions.shape == (3, 7) and actions.dtype == np.float32
+  assert np.isfinite(actions).all()
+  # Un-normalised with the run's statistics: within the dataset's q01..q99 range.
+  stats = policy.norm_stats
+  dims = stats.mask
+  assert np.all(actions[:, dims] >= stats.q01[dims] - 1e-5)
+  assert np.all(actions[:, dims] <= stats.q99[dims] + 1e-5)
+  exported = checkpoint.export_latest(os.path.join(workdir, "checkpoints"),
+                                      os.path.join(workdir, "export"))
+  from_export = policy_lib.load_policy(exported)
+  np.testing.assert_array_equal(
+      from_export(images, ["put the red cube on the plate"] * 3, None), actions)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match="neither training checkpoints"):
+    policy_lib.load_checkpoint(str(tmp_path))
+
+
+def test_eval_sim_command_writes_its_folder_and_compares(trained):
+  config, workdir = trained
+  settings = commands.eval_config(config, {"splits": ["carrot"], "seeds": 3, "max_steps": 4,
+                                           "strip_episodes": 1})
+  summary = commands.run_eval_sim(config, workdir, settings,
+                                  compare_with=[f"again={workdir}"])
+  out = os.path.join(workdir, "eval_sim")
+  for name in ("results.json", "table.md", "success.png", "strips/carrot.png", "compare.md"):
+    assert os.path.exists(os.path.join(out, name)), name
+  results = json.load(open(os.path.join(out, "results.json")))
+  assert len(results["splits"]["carrot"]["success"]) == 3
+  assert summary["episodes_per_s"] > 0
+  assert "again - workdir" in open(os.path.join(out, "compare.md")).read()
+
+
+def test_open_loop_command_reports_accuracy_and_l1_per_dimension(trained):
+  config, workdir = trained
+  settings = commands.eval_config(config, {"open_loop_batches": 2})
+  metrics = commands.run_open_loop(config, workdir, settings)
+  assert 0.0 <= metrics["token_accuracy"] <= 1.0
+  assert len(metrics["l1_per_dim"]) == 7 and np.isfinite(metrics["l1_per_dim"]).all()
+  assert metrics["frames"] > 0 and metrics["rows_skipped"] == 0
+  assert json.load(open(metrics["path"]))["l1_mean"] == pytest.approx(metrics["l1_mean"])

@@ -1,0 +1,203 @@
+"""A trained VLA as a batched tabletop `Policy`: checkpoint in, actions [B, 7] out.
+
+`load_checkpoint` reads either a run (WORKDIR, WORKDIR/checkpoints, latest or chosen
+step; the `params` item, LoRA merged) or an exported policy (`--mode=export`), and
+returns the student's parameters, its `Experiment`, the normalisation statistics of the
+dataset it was trained on and the tokenizer path. `VLAPolicy` then does what OpenVLA's
+`predict_action` does: serving preprocessing of each frame at the model's resolution
+(`data.augment.preprocess_for_serving`, the same function training's eval branch uses),
+the OpenVLA prompt ending in "▁", greedy decoding of the action tokens, bin centres, and
+un-normalisation with the q01/q99 statistics (masked dimensions, the gripper, pass
+through). Decoding has no KV cache: each of the A tokens is one full forward pass over a
+fixed-length, right-padded buffer inside one jitted `lax.fori_loop`, which is simple and
+exact; a cache would make each step O(1) in the prompt length.
+"""
+
+import functools
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+
+from vla_jax import modeling
+from vla_jax.actions import ActionTokenizer, NormStats
+from vla_jax.data import augment as augment_lib
+from vla_jax.errors import CheckpointError, ConfigError, InputError
+from vla_jax.experiment import Experiment
+from vla_jax.models.vla import VLA
+from vla_jax.text import Tokenizer, openvla_inputs
+from vla_jax.train import checkpoint as ckpt_lib
+
+ACTION_DIM = 7
+
+
+def _run_checkpoint_dir(path: str) -> Optional[str]:
+  """The Orbax step directory root of a run (WORKDIR or WORKDIR/checkpoints), if any."""
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
+      return candidate
+  return None
+
+
+def choose_norm_stats(norm_stats: Dict[str, NormStats], assets: Dict[str, Any],
+                      dataset: str = "") -> Tuple[str, NormStats]:
+  """The statistics to un-normalise with: `dataset`, else the run's first data source."""
+  if not norm_stats:
+    raise CheckpointError("the checkpoint has no normalisation statistics in its assets; it "
+                          "cannot un-normalise actions. Re-export it from a training run.")
+  if not dataset:
+    sources = assets.get("data", {}).get("sources", [])
+    dataset = sources[0] if sources and sources[0] in norm_stats else sorted(norm_stats)[0]
+  if dataset not in norm_stats:
+    raise ConfigError(f"no normalisation statistics for dataset {dataset!r}; the checkpoint "
+                      f"has {sorted(norm_stats)}. Pass one of these names.")
+  return dataset, norm_stats[dataset]
+
+
+def load_checkpoint(path: str, step: Optional[int] = None
+                    ) -> Tuple[Any, Experiment, Dict[str, NormStats], Dict[str, Any]]:
+  """Student params, experiment, norm stats and assets of a run or an exported policy.
+
+  Args:
+    path: a run directory (WORKDIR or WORKDIR/checkpoints) or an export directory.
+    step: run checkpoints only: which step (default: the latest).
+  Returns:
+    (params, experiment, {dataset: NormStats}, assets dict incl. "tokenizer").
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "assets")):
+    return ckpt_lib.load_policy_params(path)
+  run_dir = _run_checkpoint_dir(path)
+  if run_dir is None:
+    raise CheckpointError(f"{path} holds neither training checkpoints (numbered step folders "
+                          "in WORKDIR/checkpoints) nor an exported policy (params/ + assets/); "
+                          "train first (--mode=train) or point at the right directory.")
+  manager = ckpt_lib.make_manager(run_dir, async_save=False)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise CheckpointError(f"step {step} is not in {run_dir}; saved steps: "
+                          f"{list(manager.all_steps())}.")
+  assets = manager.restore(int(step), args=ocp.args.Composite(
+      assets=ocp.args.JsonRestore()))["assets"]
+  experiment = ckpt_lib.experiment_from_assets(assets)
+  abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
+  params = ckpt_lib.restore_params(manager, abstract, step=step)
+  manager.close()
+  return params, experiment, ckpt_lib.norm_stats_from_assets(assets), {**assets, "step": step}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_actions"))
+def greedy_action_tokens(model: VLA, params: Any, images: jax.Array, tokens: jax.Array,
+                         lengths: jax.Array, num_actions: int) -> jax.Array:
+  """Greedy decoding of `num_actions` tokens after each prompt (no KV cache).
+
+  Args:
+    images: uint8 [B, S, S, 3] at the model's resolution.
+    tokens: int32 [B, L] right-padded prompts with room for the actions (L >= len + A).
+    lengths: int32 [B] prompt lengths (BOS included).
+  Returns:
+    int32 [B, A] generated token ids.
+  """
+  batch, length = tokens.shape
+  visual = model.config.num_visual_tokens
+  rows = jnp.arange(batch)
+
+  def body(j, tokens):
+    input_mask = jnp.arange(length)[None, :] < (lengths + j)[:, None]
+    logits = model.apply({"params": params}, images, tokens, input_mask)["logits"]
+    # Text token t sits at sequence position t + N (t >= 1), so t is predicted at t + N - 1.
+    nxt = lengths + j
+    predicted = jnp.argmax(logits[rows, nxt + visual - 1], axis=-1).astype(jnp.int32)
+    return tokens.at[rows, nxt].set(predicted)
+
+  tokens = jax.lax.fori_loop(0, num_actions, body, tokens)
+  return tokens[rows[:, None], lengths[:, None] + jnp.arange(num_actions)[None, :]]
+
+
+class VLAPolicy:
+  """`Policy` of a VLA: (images uint8 [B, H, W, 3], instructions, states [B, 7]) -> [B, 7].
+
+  Attributes:
+    model, params: the student (OpenVLA layout).
+    tokenizer: its tokenizer; action ids are the last `n_bins` ids below vocab_size.
+    norm_stats: statistics actions are un-normalised with.
+    augment: the training run's AugmentConfig (the eval centre crop follows it).
+  """
+
+  def __init__(self, model: VLA, params: Any, tokenizer: Tokenizer, norm_stats: NormStats,
+               *, augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig(),
+               action_dim: int = ACTION_DIM, length_bucket: int = 8):
+    if model.config.arch != "openvla":
+      raise ConfigError(f"VLAPolicy decodes OpenVLA prompts; model.arch={model.config.arch!r} "
+                        "is not supported yet (PaliGemma needs its prefix-LM prompt).")
+    if norm_stats.dim != action_dim:
+      raise ConfigError(f"norm stats have {norm_stats.dim} dimensions, the policy emits "
+                        f"{action_dim}; use the statistics of the dataset the model learned.")
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.norm_stats, self.augment, self.action_dim = norm_stats, augment, action_dim
+    self.action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size)
+    self._bucket = length_bucket
+    self._prompt_cache: Dict[str, np.ndarray] = {}
+    self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.vocab_size
+    size = model.config.image_size
+    # `preprocess_for_serving` per frame, traced once as a graph over the batch: eager TF
+    # per frame would cost more than the model's forward passes.
+    self._preprocess = tf.function(lambda images: tf.map_fn(
+        lambda image: augment_lib.preprocess_image(image, size, train=False, config=augment),
+        images, fn_output_signature=tf.uint8), reduce_retracing=True)
+
+  def prompt_batch(self, instructions: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, L], lengths int32 [B]); L is bucketed to limit recompiles."""
+    prompts = []
+    for text in instructions:
+      if text not in self._prompt_cache:
+        self._prompt_cache[text] = openvla_inputs(self.tokenizer, text)[0]
+      prompts.append(self._prompt_cache[text])
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    needed = int(lengths.max()) + self.action_dim
+    length = -(-needed // self._bucket) * self._bucket
+    tokens = np.full((len(prompts), length), self.pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+      tokens[row, :len(prompt)] = prompt
+    return tokens, lengths
+
+  def preprocess(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] camera frames -> uint8 [B, S, S, 3] model inputs."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+      raise InputError(f"policy images must be uint8 [B, H, W, 3], got {images.dtype} "
+                       f"{images.shape}; convert camera frames to RGB uint8.")
+    return self._preprocess(tf.convert_to_tensor(images)).numpy()
+
+  def __call__(self, images: np.ndarray, instructions: List[str],
+               states: Optional[np.ndarray] = None) -> np.ndarray:
+    del states  # OpenVLA reads no proprioception
+    images = np.asarray(images)
+    if images.ndim != 4 or len(instructions) != images.shape[0]:
+      raise InputError(f"VLAPolicy expects images [B, H, W, 3] and B instructions; got images "
+                       f"{images.shape} and {len(instructions)} instructions.")
+    tokens, lengths = self.prompt_batch(instructions)
+    ids = greedy_action_tokens(self.model, self.params, self.preprocess(images), tokens,
+                               lengths, self.action_dim)
+    normalized = self.action_tokenizer.decode(np.asarray(ids))
+    return np.asarray(self.norm_stats.unnormalize(normalized), np.float32)
+
+
+def load_policy(path: str, *, step: Optional[int] = None, dataset: str = "",
+                tokenizer: str = "") -> VLAPolicy:
+  """`VLAPolicy` of a run or exported checkpoint (see `load_checkpoint`).
+
+  Args:
+    dataset: whose norm stats to use (default: the run's first data source).
+    tokenizer: override the tokenizer path stored in the checkpoint's assets.
+  """
+  params, experiment, norm_stats, assets = load_checkpoint(path, step)
+  tokenizer = tokenizer or assets.get("tokenizer", "")
+  if not tokenizer:
+    raise CheckpointError(f"{path} names no tokenizer in its assets; pass tokenizer=PATH.")
+  _, stats = choose_norm_stats(norm_stats, assets, dataset)
+  return VLAPolicy(VLA(experiment.model), params, Tokenizer.from_path(tokenizer), stats)
