@@ -1,6 +1,6 @@
 """Closed-loop evaluation throughput of a VLA checkpoint: episodes per second on this host.
 
-  python benchmarks/eval_speed.py --workdir /tmp/wd_default [--batches 4 16] [--repeats 3]
+  python benchmarks/eval_speed.py --workdir workdir [--batches 4 16] [--repeats 3]
       [--max_steps 80] [--split carrot]
 
 For each batch size B it evaluates B full-length episodes (every episode runs `--max_steps`
@@ -46,7 +46,8 @@ class _NeverDone:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="/tmp/wd_default")
+  parser.add_argument("--workdir", default="workdir",
+                      help="a trained run (default: the default run of vla_jax.main)")
   parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max_steps", type=int, default=80)
