@@ -19,7 +19,7 @@ from absl import logging
 
 from vla_jax.errors import CheckpointError, ConfigError
 from vla_jax.models.dinov2 import DinoV2, DinoV2Config, resample_pos_embedding
-from vla_jax.weights.mapping import Rule, conv2d, linear, load_params, stacked
+from vla_jax.weights.mapping import Rule, conv2d, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
 HF_LAYOUTS = ("hub", "state_dict")
@@ -70,17 +70,14 @@ def _block_rules(config: DinoV2Config, block_sources, target_prefix: str) -> Lis
   return rules
 
 
-def _identity(x):
-  return x
-
 
 def _norm(ours: str, theirs: str):
   """LayerNorm: torch weight/bias -> flax scale/bias."""
-  return [(f"{ours}/scale", f"{theirs}.weight", _identity),
-          (f"{ours}/bias", f"{theirs}.bias", _identity)]
+  return [(f"{ours}/scale", f"{theirs}.weight", identity),
+          (f"{ours}/bias", f"{theirs}.bias", identity)]
 
 
-def _dense(ours: str, theirs: str, weight=linear, bias=_identity):
+def _dense(ours: str, theirs: str, weight=linear, bias=identity):
   """Linear: torch weight [out, in] / bias -> our kernel / bias via the transforms."""
   return [(f"{ours}/kernel", f"{theirs}.weight", weight),
           (f"{ours}/bias", f"{theirs}.bias", bias)]
@@ -134,8 +131,8 @@ def hf_dinov2_rules(config: DinoV2Config, prefix: str = "", *, layout: str = "hu
     entries += _dense("attn/out", layer + names["o"], _heads_out(config))
     entries += _norm("norm2", layer + "norm2")
     if config.layer_scale:
-      entries += [("ls1/gamma", layer + "layer_scale1.lambda1", _identity),
-                  ("ls2/gamma", layer + "layer_scale2.lambda1", _identity)]
+      entries += [("ls1/gamma", layer + "layer_scale1.lambda1", identity),
+                  ("ls2/gamma", layer + "layer_scale2.lambda1", identity)]
     if config.ffn == "mlp":
       entries += _dense("mlp/fc1", layer + "mlp.fc1") + _dense("mlp/fc2", layer + "mlp.fc2")
     elif hub:  # hub SwiGLU packs [gate; up] on the output axis, as our fc1 does
@@ -216,8 +213,8 @@ def timm_dinov2_rules(config: DinoV2Config, prefix: str = "", *,
     entries += _dense("attn/out", layer + "attn.proj", _heads_out(config))
     entries += _norm("norm2", layer + "norm2")
     if config.layer_scale:
-      entries += [("ls1/gamma", f"{layer}ls1.{layer_scale_key}", _identity),
-                  ("ls2/gamma", f"{layer}ls2.{layer_scale_key}", _identity)]
+      entries += [("ls1/gamma", f"{layer}ls1.{layer_scale_key}", identity),
+                  ("ls2/gamma", f"{layer}ls2.{layer_scale_key}", identity)]
     # timm packs SwiGLU as fc1 = [gate; up] too (`SwiGLUPacked`), so both FFNs map alike.
     entries += _dense("mlp/fc1", layer + "mlp.fc1") + _dense("mlp/fc2", layer + "mlp.fc2")
     return entries

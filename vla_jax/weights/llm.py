@@ -30,7 +30,7 @@ import numpy as np
 
 from vla_jax.errors import CheckpointError
 from vla_jax.models.llm import LLM, LLMConfig
-from vla_jax.weights.mapping import Rule, check_rules, linear, load_params, stacked
+from vla_jax.weights.mapping import Rule, identity, check_rules, linear, load_params, stacked
 from vla_jax.weights.npz import flatten, load_npz
 from vla_jax.weights.safetensors import open_safetensors
 
@@ -43,9 +43,6 @@ HF_LAYOUTS = {
     "paligemma_state_dict": ("model.language_model.", "lm_head.weight"),
 }
 
-
-def _identity(w):
-  return w
 
 
 def expected_llm_params(config: LLMConfig) -> Any:
@@ -76,12 +73,12 @@ def hf_llm_rules(config: LLMConfig, prefix: str = "model.",
   (HF Gemma stores the same `1 + w` offset as our Gemma norm). `lm_head_key` is used
   only when the config's embeddings are untied.
   """
-  per_layer = [("pre_attention_norm/scale", "input_layernorm.weight", _identity),
-               ("pre_ffw_norm/scale", "post_attention_layernorm.weight", _identity)]
+  per_layer = [("pre_attention_norm/scale", "input_layernorm.weight", identity),
+               ("pre_ffw_norm/scale", "post_attention_layernorm.weight", identity)]
   for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
     per_layer.append((f"attn/{proj}/kernel", f"self_attn.{proj}.weight", linear))
     if config.attention_bias:
-      per_layer.append((f"attn/{proj}/bias", f"self_attn.{proj}.bias", _identity))
+      per_layer.append((f"attn/{proj}/bias", f"self_attn.{proj}.bias", identity))
   for proj in ("gate_proj", "up_proj", "down_proj"):
     per_layer.append((f"mlp/{proj}/kernel", f"mlp.{proj}.weight", linear))
   rules = [Rule.copy("embedder/input_embedding", f"{prefix}embed_tokens.weight"),
@@ -117,12 +114,12 @@ def big_vision_gemma_rules(config: LLMConfig, prefix: str = "llm/") -> List[Rule
   layers = f"{prefix}layers/"
   # name -> (source, transform of the stacked [L, ...] array).
   stacked_sources = {
-      "pre_attention_norm/scale": (f"{layers}pre_attention_norm/scale", _identity),
-      "pre_ffw_norm/scale": (f"{layers}pre_ffw_norm/scale", _identity),
+      "pre_attention_norm/scale": (f"{layers}pre_attention_norm/scale", identity),
+      "pre_ffw_norm/scale": (f"{layers}pre_ffw_norm/scale", identity),
       "attn/o_proj/kernel": (f"{layers}attn/attn_vec_einsum/w", _out_einsum_to_kernel),
       "mlp/gate_proj/kernel": (f"{layers}mlp/gating_einsum", lambda w: w[:, 0]),
       "mlp/up_proj/kernel": (f"{layers}mlp/gating_einsum", lambda w: w[:, 1]),
-      "mlp/down_proj/kernel": (f"{layers}mlp/linear", _identity),
+      "mlp/down_proj/kernel": (f"{layers}mlp/linear", identity),
   }
   if config.effective_num_kv_heads == config.num_heads:
     # big_vision fuses q, k and v into one einsum when there is no GQA.

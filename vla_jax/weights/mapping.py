@@ -24,7 +24,8 @@ from vla_jax.weights.npz import flatten, unflatten
 _SHOW = 12
 
 
-def _identity(x):
+def identity(x):
+  """The no-op transform: the checkpoint tensor is already in our layout."""
   return x
 
 
@@ -33,14 +34,14 @@ class Rule:
   """`target` (our `/` path) <- `transform(*[checkpoint[s] for s in sources])`."""
   target: str
   sources: Tuple[str, ...]
-  transform: Callable[..., np.ndarray] = _identity
+  transform: Callable[..., np.ndarray] = identity
 
   @classmethod
-  def copy(cls, target: str, source: str, transform=_identity) -> "Rule":
+  def copy(cls, target: str, source: str, transform=identity) -> "Rule":
     return cls(target, (source,), transform)
 
 
-def stacked(target: str, sources: Sequence[str], transform=_identity) -> Rule:
+def stacked(target: str, sources: Sequence[str], transform=identity) -> Rule:
   """A scanned parameter: `stack([transform(s) for s in sources])` on a new axis 0."""
   return Rule(target, tuple(sources), lambda *xs: np.stack([transform(x) for x in xs]))
 

@@ -24,15 +24,12 @@ from absl import logging
 from vla_jax.errors import CheckpointError
 from vla_jax.models.vit import ViTConfig, abstract_params, resample_posemb
 from vla_jax.weights import npz
-from vla_jax.weights.mapping import Rule, conv2d, linear, load_params, stacked
+from vla_jax.weights.mapping import Rule, conv2d, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
 # (our name inside one block, checkpoint name, transform or None)
 _Entry = Tuple[str, str, Optional[Callable[[np.ndarray], np.ndarray]]]
 
-
-def _identity(x):
-  return x
 
 
 # ---------------------------------------------------------------------------
@@ -92,7 +89,7 @@ def _block_rules(config: ViTConfig, block_entries: Callable[[int], Sequence[_Ent
   per_block = [block_entries(i) for i in range(config.depth)]
   rules = []
   for j, (name, _, transform) in enumerate(per_block[0]):
-    transform = transform or _identity
+    transform = transform or identity
     if config.scan:
       rules.append(stacked(f"Transformer/encoderblock/{name}",
                            [entries[j][1] for entries in per_block], transform))
@@ -103,7 +100,7 @@ def _block_rules(config: ViTConfig, block_entries: Callable[[int], Sequence[_Ent
 
 
 def _rules(entries: Sequence[_Entry]) -> List[Rule]:
-  return [Rule.copy(name, source, transform or _identity) for name, source, transform in entries]
+  return [Rule.copy(name, source, transform or identity) for name, source, transform in entries]
 
 
 def _norm(ours: str, theirs: str) -> List[_Entry]:
