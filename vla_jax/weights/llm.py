@@ -30,7 +30,7 @@ import numpy as np
 
 from vla_jax.errors import CheckpointError
 from vla_jax.models.llm import LLM, LLMConfig
-from vla_jax.weights.mapping import Rule, identity, check_rules, linear, load_params, stacked
+from vla_jax.weights.mapping import Rule, check_rules, identity, linear, load_params, stacked
 from vla_jax.weights.npz import flatten, load_npz
 from vla_jax.weights.safetensors import open_safetensors
 
