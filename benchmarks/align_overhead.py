@@ -11,7 +11,6 @@ batch size 8 on this machine's CPU; pass `--preset` for another size.
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
@@ -22,17 +21,13 @@ import numpy as np
 import optax
 
 from vla_jax import modeling
-from vla_jax.experiment import parse_config
+from vla_jax.experiment import load_config, parse_config
 
 ACTION_TOKENS = 7  # OpenVLA: one token per action dimension
 
 
 def _config(preset):
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "align.py")
-  spec = importlib.util.spec_from_file_location("align_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "align.py"), preset)
 
 
 def _action_loss(logits, tokens):

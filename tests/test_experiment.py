@@ -1,24 +1,19 @@
 """configs/align.py presets parse into typed configs; bad keys fail by name."""
 
-import importlib.util
-
 import pytest
 
 from tests.conftest import REPO
 from vla_jax.errors import ConfigError
-from vla_jax.experiment import parse_config
+from vla_jax.experiment import load_config, parse_config
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _config(preset):
+  return load_config(REPO / "configs" / "align.py", preset)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_paligemma", "openvla_7b", "paligemma_3b"])
 def test_presets_parse(preset):
-  experiment = parse_config(_config_module().get_config(preset))
+  experiment = parse_config(_config(preset))
   model = experiment.model
   assert experiment.align.align_layer == model.llm.depth // 2
   assert experiment.align.align_coeff == 0.2 and experiment.align.loss == "cosine"
@@ -33,11 +28,11 @@ def test_presets_parse(preset):
 
 def test_unknown_preset_lists_known():
   with pytest.raises(ValueError, match="openvla_7b"):
-    _config_module().get_config("openvla_13b")
+    _config("openvla_13b")
 
 
 def test_unknown_nested_key_is_named_with_suggestion():
-  config = _config_module().get_config("tiny")
+  config = _config("tiny")
   config.model.llm.unlock()
   config.model.llm["num_head"] = 3
   with pytest.raises(ConfigError, match="'model.llm.num_head'.*did you mean 'model.llm.num_heads'"):
@@ -45,15 +40,21 @@ def test_unknown_nested_key_is_named_with_suggestion():
 
 
 def test_inconsistent_values_are_rejected():
-  config = _config_module().get_config("tiny")
+  config = _config("tiny")
   config.align.align_layer = 99
   with pytest.raises(ConfigError, match="align_layer=99 but the LLM has only 4 layers"):
     parse_config(config)
-  config = _config_module().get_config("tiny")
+  config = _config("tiny")
   config.model.siglip.image_size = 32
   with pytest.raises(ConfigError, match="model.siglip.image_size=32"):
     parse_config(config)
-  config = _config_module().get_config("tiny")
+  config = _config("tiny")
   config.model.llm.family = "gemma2"
   with pytest.raises(ConfigError, match="family"):
     parse_config(config)
+
+
+def test_load_config_names_a_missing_file(tmp_path):
+  with pytest.raises(ConfigError, match="No config file"):
+    load_config(tmp_path / "nope.py")
+  assert load_config(REPO / "configs" / "align.py").preset == "tiny"  # the file's default

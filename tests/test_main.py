@@ -1,6 +1,5 @@
 """The command-line entry point: describe and convert on the embedded tiny default."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,15 +11,14 @@ import pytest
 from tests.conftest import REPO
 from vla_jax import main as main_lib
 from vla_jax.errors import VlaJaxError
+from vla_jax.experiment import load_config
 from vla_jax.models import vit as vit_lib
 from vla_jax.weights import convert, siglip
+from vla_jax.weights.npz import flatten
 
 
 def _config(preset="tiny"):
-  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return load_config(REPO / "configs" / "align.py", preset)
 
 
 def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
@@ -41,7 +39,7 @@ def test_convert_teacher_then_describe_from_orbax(tmp_path):
   teacher = vit_lib.ViTConfig(**config.teacher.vit.to_dict())
   rng = np.random.default_rng(0)
   params = {k: rng.normal(size=v.shape).astype(np.float32) * 0.02
-            for k, v in _flat(vit_lib.abstract_params(teacher)).items()}
+            for k, v in flatten(vit_lib.abstract_params(teacher)).items()}
   npz_path = str(tmp_path / "teacher.npz")
   np.savez(npz_path, **params)
   config.weights.teacher = npz_path
@@ -52,15 +50,7 @@ def test_convert_teacher_then_describe_from_orbax(tmp_path):
   config.weights.teacher, config.weights.teacher_format = written[0], "orbax"
   summary = main_lib.describe(config, str(tmp_path / "work"))
   assert summary["teacher_params_millions"] == pytest.approx(
-      sum(x.size for x in _flat(loaded).values()) / 1e6)
-
-
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}/{key}" if prefix else key
-    out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
-  return out
+      sum(x.size for x in flatten(loaded).values()) / 1e6)
 
 
 def test_convert_without_weights_is_a_clear_error(tmp_path):

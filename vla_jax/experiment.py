@@ -8,6 +8,8 @@ compiles.
 """
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Mapping, Optional
 
 from vla_jax.errors import ConfigError
@@ -66,3 +68,20 @@ def parse_config(config: Any) -> Experiment:
       teacher=parse_teacher(config.teacher),
       align=from_mapping(align_lib.AlignConfig, config.align, "align"),
       lora=from_mapping(lora_lib.LoraConfig, lora, "lora") if enabled else None)
+
+
+def load_config(path: str, arg: Optional[str] = None) -> Any:
+  """`get_config(arg)` of a config file, as `--config=path:arg` would (Colab, tests, scripts).
+
+  Args:
+    path: a config module such as "configs/align.py".
+    arg: its preset argument (None: the file's default).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ConfigError(f"No config file at {path!r}; pass a path such as configs/align.py.")
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0] + "_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)

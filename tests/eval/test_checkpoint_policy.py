@@ -1,6 +1,5 @@
 """End to end: train a few steps, then evaluate the checkpoint (run and export) as a policy."""
 
-import importlib.util
 import json
 import os
 
@@ -11,6 +10,7 @@ from tests.conftest import REPO
 from vla_jax.errors import CheckpointError
 from vla_jax.eval import commands
 from vla_jax.eval import policy as policy_lib
+from vla_jax.experiment import load_config
 from vla_jax.sim import bundled
 from vla_jax.text import openvla_prompt, train_sentencepiece
 from vla_jax.train import checkpoint, loop
@@ -19,10 +19,7 @@ pytestmark = pytest.mark.slow  # trains a model
 
 
 def _config(data_dir, tokenizer):
-  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = load_config(REPO / "configs" / "align.py", "tiny")
   config.tokenizer = tokenizer
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64

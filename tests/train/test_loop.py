@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import REPO
 from vla_jax.errors import ConfigError
+from vla_jax.experiment import load_config
 from vla_jax.sim import bundled
 from vla_jax.text import openvla_prompt, train_sentencepiece
 from vla_jax.train import loop
@@ -25,11 +26,7 @@ def small_data(tmp_path_factory):
 
 
 def _config(small_data, steps, **overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("align_config", REPO / "configs" / "align.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = load_config(REPO / "configs" / "align.py", "tiny")
   data_dir, tokenizer = small_data
   config.tokenizer = tokenizer
   config.data.sources[0]["data_dir"] = data_dir
