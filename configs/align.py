@@ -14,7 +14,7 @@ import dataclasses
 
 import ml_collections
 
-from vla_jax.eval import commands as eval_commands
+from vla_jax.eval import config as eval_config
 from vla_jax.models import align as align_lib
 from vla_jax.models import lora as lora_lib
 from vla_jax.models import teacher as teacher_lib
@@ -83,5 +83,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.keep_period = 0  # also keep every K-th step (0 = no)
   # Evaluation and analysis modes (eval_sim, open_loop, probe, attention, tsne).
-  config.eval = dataclasses.asdict(eval_commands.EvalConfig())
+  config.eval = dataclasses.asdict(eval_config.EvalConfig())
   return config

@@ -172,7 +172,8 @@ def main(argv):
       print(json.dumps(summary, indent=2))
     elif _MODE.value in ("eval_sim", "open_loop", "probe", "attention", "tsne"):
       from vla_jax.eval import commands  # pylint: disable=g-import-not-at-top
-      settings = commands.eval_config(config, {
+      from vla_jax.eval import config as eval_config_lib  # pylint: disable=g-import-not-at-top
+      settings = eval_config_lib.eval_config(config, {
           "seeds": _EVAL_SEEDS.value, "splits": _EVAL_SPLITS.value, "step": _EVAL_STEP.value,
           "layers": [int(x) for x in _EVAL_LAYERS.value] if _EVAL_LAYERS.value else None})
       if _MODE.value == "eval_sim":

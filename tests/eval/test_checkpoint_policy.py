@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import REPO
 from vla_jax.errors import CheckpointError
 from vla_jax.eval import commands
+from vla_jax.eval import config as eval_config_lib
 from vla_jax.eval import policy as policy_lib
 from vla_jax.experiment import load_config
 from vla_jax.sim import bundled
@@ -71,7 +72,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_eval_sim_command_writes_its_folder_and_compares(trained):
   config, workdir = trained
-  settings = commands.eval_config(config, {"splits": ["carrot"], "seeds": 3, "max_steps": 4,
+  settings = eval_config_lib.eval_config(config, {"splits": ["carrot"], "seeds": 3, "max_steps": 4,
                                            "strip_episodes": 1})
   summary = commands.run_eval_sim(config, workdir, settings,
                                   compare_with=[f"again={workdir}"])
@@ -86,7 +87,7 @@ def test_eval_sim_command_writes_its_folder_and_compares(trained):
 
 def test_open_loop_command_reports_accuracy_and_l1_per_dimension(trained):
   config, workdir = trained
-  settings = commands.eval_config(config, {"open_loop_batches": 2})
+  settings = eval_config_lib.eval_config(config, {"open_loop_batches": 2})
   metrics = commands.run_open_loop(config, workdir, settings)
   assert 0.0 <= metrics["token_accuracy"] <= 1.0
   assert len(metrics["l1_per_dim"]) == 7 and np.isfinite(metrics["l1_per_dim"]).all()

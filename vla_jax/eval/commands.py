@@ -11,7 +11,7 @@
   attention  normalised attention overlays -> WORKDIR/attention/<object>_layer<i>.png
              and attention.png (a grid of all of them).
   tsne       object-token t-SNE -> WORKDIR/tsne/tsne_layer<i>.png.
-Settings come from `config.eval` when the config has it (see `EvalConfig`), overridden by
+Settings come from `config.eval` when the config has it (see `vla_jax.eval.config`), overridden by
 the `--eval_*` flags of main.py.
 """
 
@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -34,60 +34,8 @@ from vla_jax.eval import tsne as tsne_lib
 from vla_jax.models.vla import VLA
 from vla_jax.sim import catalogue as cat
 from vla_jax.text import Tokenizer
-from vla_jax.typed_config import from_mapping, require
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """Settings of the evaluation commands.
-
-  Attributes:
-    splits: tabletop splits for eval_sim (default: every OOD split and VL-Think).
-    seeds: episodes per split (seeds 0..seeds-1, shared across checkpoints).
-    max_steps: episode limit (the paper: 80).
-    batch_size: environments per batch (0 = all seeds of a split at once).
-    strip_episodes: rollout strips kept per split.
-    step: checkpoint step (0 = latest).
-    layers: LLM layers for probe (hidden after L blocks), attention (block L) and t-SNE.
-    probe_images_per_object: images per catalogue object for the probe.
-    probe_epochs: SGD epochs of the probe (the paper: 40).
-    attention_objects: catalogue objects for attention maps.
-    tsne_objects, tsne_images_per_object: classes and points of the t-SNE.
-    open_loop_batches: batches of the val split for open_loop.
-  """
-  splits: Tuple[str, ...] = sim_eval.EVAL_SPLITS
-  seeds: int = 16
-  max_steps: int = 80
-  batch_size: int = 0
-  strip_episodes: int = 2
-  step: int = 0
-  layers: Tuple[int, ...] = (0, 2, 4)
-  probe_images_per_object: int = 24
-  probe_epochs: int = 40
-  attention_objects: Tuple[int, ...] = (0, 5, 16, 17)
-  tsne_objects: Tuple[int, ...] = (0, 5, 10, 15, 16, 17)
-  tsne_images_per_object: int = 20
-  open_loop_batches: int = 8
-
-  def __post_init__(self):
-    require(self.seeds > 0, f"eval.seeds must be > 0, got {self.seeds}.")
-    require(self.max_steps > 0, f"eval.max_steps must be > 0, got {self.max_steps}.")
-    for name in self.splits:
-      cat.get_split(name)
-    for obj in self.attention_objects + self.tsne_objects:
-      require(0 <= obj < len(cat.OBJECTS), f"object id {obj} is not in the catalogue "
-              f"(0..{len(cat.OBJECTS) - 1}).")
-
-
-def eval_config(config: Any, overrides: Optional[Mapping[str, Any]] = None) -> EvalConfig:
-  """`config.eval` (if any) with `overrides` (None values ignored) as an EvalConfig."""
-  base = dict(config.eval.to_dict() if hasattr(config.get("eval", None), "to_dict")
-              else (config.get("eval", None) or {}))
-  base.update({k: v for k, v in (overrides or {}).items() if v is not None})
-  for key in ("splits", "layers", "attention_objects", "tsne_objects"):
-    if key in base:
-      base[key] = tuple(base[key])
-  return from_mapping(EvalConfig, base, "eval")
+from vla_jax.eval.config import EvalConfig
+from vla_jax.typed_config import from_mapping
 
 
 def _policy(workdir: str, settings: EvalConfig) -> policy_lib.VLAPolicy:

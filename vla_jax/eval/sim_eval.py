@@ -20,10 +20,10 @@ import numpy as np
 import tqdm
 
 from vla_jax.errors import ConfigError, InputError
+from vla_jax.eval.config import EVAL_SPLITS
 from vla_jax.sim import catalogue as cat
 from vla_jax.sim import rollout as rollout_lib
 
-EVAL_SPLITS = tuple(cat.AXES)  # every OOD split and every VL-Think environment
 AXIS_ORDER = ("semantic", "vision", "execution", "vlthink")
 Z95 = 1.959963984540054
 
