@@ -9,6 +9,7 @@ progress bar, TensorBoard and JSONL metrics, periodic open-loop evaluation and a
 checkpoints; (7) a summary JSON and a PNG of the loss curves.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -200,9 +201,10 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
                   state_lib.student_params(state, frozen, experiment.lora), assets,
                   iterator.state())
 
+  val_config = dataclasses.replace(data_config, sources=tuple(
+      dataclasses.replace(s, split="val") for s in data_config.sources))
+
   def evaluate() -> Dict[str, float]:
-    val_config = data_lib.DataConfig(**{**data_config.__dict__, "sources": tuple(
-        s.__class__(**{**s.__dict__, "split": "val"}) for s in data_config.sources)})
     val_iter: Iterator = data_lib.make_iterator(val_config, train=False)
     totals: Dict[str, list] = {}
     for _ in range(config.eval_batches):
