@@ -266,13 +266,26 @@ def paligemma_inputs(tokenizer: Tokenizer, prefix: str,
 # ---------------------------------------------------------------------------------------
 # A small tokenizer for self-contained runs.
 # ---------------------------------------------------------------------------------------
-def train_sentencepiece(texts: Sequence[str], path, vocab_size: int = 512) -> "Tokenizer":
+ACTION_PIECE = "<action_{}>"
+
+
+def train_sentencepiece(texts: Sequence[str], path, vocab_size: int = 512,
+                        action_ids: int = 0) -> "Tokenizer":
   """Trains a Llama-style SentencePiece BPE model on `texts`, writes it to `path`.
 
-  The embedded default trains on the bundled dataset's prompts so that a fresh machine
+  The embedded default trains on the benchmark's instructions so that a fresh machine
   needs no external tokenizer; ids 0/1/2 are unk/BOS/EOS as in Llama-2, and byte
   fallback (as Llama-2) encodes characters never seen in training. Training is
   single-threaded, hence deterministic for the same texts.
+
+  Args:
+    texts: training texts.
+    path: where the `.model` file goes.
+    vocab_size: text pieces (at most; SentencePiece may stop earlier on small corpora).
+    action_ids: reserve this many ids *after* the text pieces for action tokens
+      (`<action_k>` control pieces: no text ever encodes to them, and they decode to "").
+      OpenVLA instead overwrites Llama-2's last 256 ids, which is only safe because those
+      pieces are rare in English; in a small tokenizer the last ids are common words.
   """
   import io
   import sentencepiece as spm
@@ -287,9 +300,19 @@ def train_sentencepiece(texts: Sequence[str], path, vocab_size: int = 512) -> "T
       # Llama-2's settings: text kept as is (newlines included), digits split.
       normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
       allow_whitespace_only_pieces=True)
+  data = model.getvalue()
+  if action_ids:
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    for k in range(action_ids):
+      piece = proto.pieces.add()
+      piece.piece, piece.score = ACTION_PIECE.format(k), 0.0
+      piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+    data = proto.SerializeToString()
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
-  tmp.write_bytes(model.getvalue())
+  tmp.write_bytes(data)
   tmp.replace(path)
   return Tokenizer.from_path(path)

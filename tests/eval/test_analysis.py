@@ -21,7 +21,8 @@ from vla_jax.text import openvla_prompt, train_sentencepiece
 
 @pytest.fixture(scope="module")
 def student():
-  experiment = small_experiment(depth=2)
+  # The vocabulary covers the tokenizer fixture's 300 text + 256 action ids and <PAD>.
+  experiment = small_experiment(depth=2, vocab_size=640)
   model = VLA(experiment.model)
   images = jnp.zeros((1, 64, 64, 3))
   params = model.init(jax.random.key(0), images, jnp.ones((1, 4), jnp.int32))["params"]
@@ -33,7 +34,7 @@ def tokenizer(tmp_path_factory):
   root = tmp_path_factory.mktemp("tok")
   prompts = [openvla_prompt(f"put the {o.name} on the plate") for o in cat.OBJECTS]
   return train_sentencepiece(prompts + ["Do you see the red cube?"], root / "tok.model",
-                             vocab_size=300)
+                             vocab_size=300, action_ids=256)
 
 
 def _images(n, seed=0):

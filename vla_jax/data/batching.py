@@ -7,15 +7,47 @@ Only the action tokens and EOS are supervised (`loss_mask`). Rows are right-padd
 `max_length` with `attention_mask` False on padding. A sequence longer than
 `max_length` is cut at `max_length` (its last targets are lost) and counted: the caller
 logs a warning with the running count instead of truncating silently.
+
+Action ids must never occur in a prompt (`check_prompt_ids`): OpenVLA writes its 256
+action bins onto Llama-2's last 256 ids, which English text never produces; in a small
+tokenizer those ids would be common words, and action bins and instruction words would
+share embeddings and output rows. Such a tokenizer is refused with the overlap named.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
 from vla_jax.actions import ActionTokenizer
 from vla_jax.errors import InputError
 from vla_jax.text import Tokenizer, openvla_inputs
+
+
+def check_prompt_ids(prompt_ids: Sequence[int], action_tokenizer: ActionTokenizer,
+                     tokenizer: Tokenizer, instruction: str) -> None:
+  """InputError if a prompt's ids fall into the action tokenizer's id range.
+
+  Args:
+    prompt_ids: the prompt's token ids (BOS and the trailing "▁" included).
+    action_tokenizer: the action-bin ids to keep free.
+    tokenizer: the text tokenizer (to name the colliding pieces).
+    instruction: the instruction the prompt was made from (for the message).
+  """
+  ids = np.asarray(prompt_ids)
+  clash = sorted(set(ids[action_tokenizer.is_action_token(ids)].tolist()))
+  if not clash:
+    return
+  first, last = action_tokenizer.token_range()
+  pieces = [tokenizer.decode([i]) or f"<id {i}>" for i in clash[:8]]
+  raise InputError(
+      f"The prompt of instruction {instruction!r} tokenises to ids {clash[:8]} (pieces "
+      f"{pieces}){' and more' if len(clash) > 8 else ''}, which are action-bin ids "
+      f"({first}..{last}, the last {action_tokenizer.n_bins} of the tokenizer's "
+      f"{tokenizer.vocab_size}): action tokens and instruction words would share "
+      f"embeddings and output rows. Use a tokenizer with ids reserved for actions "
+      f"(vla_jax.text.train_sentencepiece(..., action_ids={action_tokenizer.n_bins}); the "
+      f"bundled tokenizer has them), or one whose last {action_tokenizer.n_bins} pieces never "
+      f"occur in instructions (Llama-2 for OpenVLA).")
 
 
 def tokenize_batch(instructions: np.ndarray, actions: np.ndarray, tokenizer: Tokenizer,
@@ -33,6 +65,8 @@ def tokenize_batch(instructions: np.ndarray, actions: np.ndarray, tokenizer: Tok
   Returns:
     ({"tokens": int32 [B, L], "loss_mask": bool [B, L], "attention_mask": bool [B, L]},
      number of rows that were longer than L and cut).
+  Raises:
+    InputError: a prompt uses action-bin ids (`check_prompt_ids`).
   """
   actions = np.asarray(actions)
   if actions.ndim != 3 or actions.shape[0] != len(instructions):
@@ -47,6 +81,7 @@ def tokenize_batch(instructions: np.ndarray, actions: np.ndarray, tokenizer: Tok
   for row, (text, ids_row) in enumerate(zip(instructions, action_ids)):
     text = text.decode() if isinstance(text, bytes) else str(text)
     ids, mask = openvla_inputs(tokenizer, text, ids_row)
+    check_prompt_ids(ids[~mask], action_tokenizer, tokenizer, text)
     if len(ids) > max_length:
       truncated += 1
       ids, mask = ids[:max_length], mask[:max_length]

@@ -26,6 +26,7 @@ import tensorflow as tf
 from vla_jax import modeling
 from vla_jax.actions import ActionTokenizer, NormStats
 from vla_jax.data import augment as augment_lib
+from vla_jax.data import batching
 from vla_jax.errors import CheckpointError, ConfigError, InputError
 from vla_jax.experiment import Experiment
 from vla_jax.models.vla import VLA
@@ -155,7 +156,9 @@ class VLAPolicy:
     prompts = []
     for text in instructions:
       if text not in self._prompt_cache:
-        self._prompt_cache[text] = openvla_inputs(self.tokenizer, text)[0]
+        ids = openvla_inputs(self.tokenizer, text)[0]
+        batching.check_prompt_ids(ids, self.action_tokenizer, self.tokenizer, text)
+        self._prompt_cache[text] = ids
       prompts.append(self._prompt_cache[text])
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     needed = int(lengths.max()) + self.action_dim

@@ -299,17 +299,18 @@ def _preset(name: str) -> VLAConfig:
     return VLAConfig("paligemma", llm_lib.llm_config("gemma_2b"), siglip, None, 224)
   if name == "tiny":
     # OpenVLA's layout at CPU size: 64 px images, 8x8 visual tokens, a 4-block Llama
-    # whose vocabulary fits the bundled 512-id tokenizer + <PAD>, padded to 64 (576).
+    # whose vocabulary fits the bundled tokenizer (512 text + 256 action ids) + <PAD>,
+    # padded to a multiple of 64 (832).
     siglip, dino = _openvla_towers(
         64, dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8),
         dict(width=64, depth=2, num_heads=4, patch_size=8))
-    llm = llm_lib.llm_config("tiny_llama", vocab_size=576, width=128, depth=4, num_heads=4,
+    llm = llm_lib.llm_config("tiny_llama", vocab_size=832, width=128, depth=4, num_heads=4,
                              num_kv_heads=2, mlp_dim=256)
     return VLAConfig("openvla", llm, siglip, dino, 64)
   if name == "tiny_paligemma":
     siglip = vit_lib.ViTConfig(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8,
                                image_size=64, pool_type="none")
-    llm = llm_lib.llm_config("tiny_gemma", vocab_size=576, width=128, depth=4)
+    llm = llm_lib.llm_config("tiny_gemma", vocab_size=832, width=128, depth=4)
     return VLAConfig("paligemma", llm, siglip, None, 64)
   raise ConfigError(f"Unknown VLA preset {name!r}; known presets: {', '.join(VLA_PRESETS)}.")
 
