@@ -122,3 +122,38 @@ def test_instructions_follow_the_split():
     target = int(digits[int(parity.target_rec[i])])
     assert ("odd" in text) == (target % 2 == 1)
     assert sum(d % 2 == target % 2 for d in digits) == 1  # exactly one board matches
+
+
+def _grasp_at(obj_name: str, obj_yaw: float, ee_yaw: float) -> bool:
+  """Whether closing the gripper right on top of `obj_name` grasps it."""
+  state = env.reset(jax.random.key(0), "train")
+  obj = [o.name for o in cat.OBJECTS].index(obj_name)
+  state = state._replace(obj_id=state.obj_id.at[0].set(obj), obj_yaw=state.obj_yaw.at[0].set(
+      obj_yaw), ee=np.array([*np.asarray(state.obj_xy[0]), 0.015], np.float32),
+      ee_yaw=np.float32(ee_yaw))
+  state, _ = env._advance(state, np.array([0, 0, 0, 0, 0, 0, 0], np.float32))  # pylint: disable=protected-access
+  return int(state.held) == 0
+
+
+@pytest.mark.parametrize("obj_name,offset,grasped", [
+    ("yellow ball", 1.1, True),  # a disc: any yaw
+    ("red cube", np.pi / 2, True),  # a square: every pi / 2
+    ("red cube", np.pi / 4, False),
+    ("green nut", np.pi / 3, True),  # a hexagon: every pi / 3
+    ("carrot", np.pi, True),  # elongated: every pi only
+    ("carrot", np.pi / 2, False),
+])
+def test_grasps_follow_the_objects_symmetry(obj_name, offset, grasped):
+  assert _grasp_at(obj_name, 0.4, 0.4 + offset) == grasped
+  assert _grasp_at(obj_name, 0.4, 0.4 + offset + 0.8 * env.GRASP_YAW_TOL) == grasped
+
+
+def test_expert_turns_by_the_smallest_equivalent_rotation():
+  """Demos never rotate toward a yaw the camera cannot tell apart from the current one."""
+  _, traj = rollout.expert_episodes(rollout.seed_keys(range(64)), "train", render=False)
+  start = rollout.reset_batch(rollout.seed_keys(range(64)), "train")
+  periods = np.asarray(env.grasp_periods(start.obj_id[:, 0]))
+  turned = np.abs(np.asarray(traj["action"][:, :, 5])).sum(axis=1)
+  assert (turned[periods == 0] == 0).all() and (periods == 0).any()
+  bound = np.where(periods > 0, periods / 2, 0) + 1e-3
+  assert (turned <= bound).all()

@@ -16,8 +16,8 @@ from typing import Optional
 
 from vla_jax.sim import demos
 
-CONTENT_VERSION = 1
-NUM_TRAIN = 300
+CONTENT_VERSION = 2
+NUM_TRAIN = 1500
 NUM_VAL = 32
 IMAGE_SIZE = 64
 VAL_SEED_OFFSET = 1_000_000  # val seeds never collide with train seeds
@@ -63,29 +63,54 @@ def bundled_dataset_dir(cache_dir: Optional[str] = None, *, num_train: int = NUM
   return path
 
 
-TOKENIZER_VOCAB = 512
+TOKENIZER_TEXT_PIECES = 512
+TOKENIZER_ACTION_IDS = 256
+TOKENIZER_VERSION = 2  # bump when the training texts or settings change
+
+
+def benchmark_instructions() -> list:
+  """Every instruction any tabletop split can produce, sorted (tokenizer training text).
+
+  Templates x objects x receptacles, and every VL-Think phrase with every object: the
+  bundled tokenizer then knows the words of the OOD splits too, not only the training
+  split's 16 instructions.
+  """
+  from vla_jax.sim import catalogue as cat  # pylint: disable=g-import-not-at-top
+  texts = {t.format(object=o.name, receptacle=r.name)
+           for t in cat.TEMPLATES for o in cat.OBJECTS for r in cat.RECEPTACLES}
+  for name, family in cat.VLTHINK.items():
+    items = ("odd", "even") if name == "parity" else family.items
+    texts |= {f"put the {o.name} on " + family.phrase.format(item=item)
+              for item in items for o in cat.OBJECTS}
+  return sorted(texts)
 
 
 def bundled_tokenizer_path(cache_dir: Optional[str] = None) -> str:
-  """A Llama-style SentencePiece model trained on the bundled dataset's prompts.
+  """A Llama-style SentencePiece model for the tabletop benchmark, with action ids of its own.
 
-  Built on first use next to the dataset (deterministic for the same dataset), so the
-  embedded default needs no external tokenizer. 512 ids (byte fallback keeps any text
-  encodable); OpenVLA's action tokens are its last 256 ids, as with Llama-2.
+  Built on first use in the cache root (deterministic: single-threaded training on
+  `benchmark_instructions()` as OpenVLA prompts), so the embedded default needs no
+  external tokenizer. Ids: 0/1/2 = unk/BOS/EOS, up to TOKENIZER_TEXT_PIECES text pieces
+  (byte fallback keeps any text encodable), then TOKENIZER_ACTION_IDS reserved control
+  pieces that no text encodes to: the action tokenizer's bins are those last ids, so
+  actions never share an embedding with a word (OpenVLA's overwrite of Llama-2's last
+  256 ids is only safe because those pieces are rare in English).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from vla_jax import text  # pylint: disable=g-import-not-at-top
-  dataset = bundled_dataset_dir(cache_dir)
-  path = os.path.join(os.path.dirname(os.path.dirname(dataset)),
-                      f"tokenizer_{TOKENIZER_VOCAB}.model")
+  root = cache_root(cache_dir)
+  path = os.path.join(root, f"tokenizer_v{TOKENIZER_VERSION}_{TOKENIZER_TEXT_PIECES}"
+                            f"+{TOKENIZER_ACTION_IDS}.model")
   if os.path.exists(path):
     return path
-  builder = tfds.builder_from_directory(dataset)
-  instructions = sorted({
-      step["language_instruction"].numpy().decode()
-      for episode in builder.as_dataset(split="train")
-      for step in episode["steps"].take(1)})
-  prompts = [text.openvla_prompt(i) for i in instructions]
-  text.train_sentencepiece(prompts, path, vocab_size=TOKENIZER_VOCAB)
+  prompts = [text.openvla_prompt(i) for i in benchmark_instructions()]
+  # Write beside the final path and rename: concurrent first uses never read half a file.
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp_tokenizer_", dir=root)
+  try:
+    text.train_sentencepiece(prompts, os.path.join(tmp, "tok.model"),
+                             vocab_size=TOKENIZER_TEXT_PIECES, action_ids=TOKENIZER_ACTION_IDS)
+    os.replace(os.path.join(tmp, "tok.model"), path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   logging.info("Trained the bundled tokenizer on %d prompts: %s", len(prompts), path)
   return path

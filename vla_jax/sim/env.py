@@ -3,8 +3,11 @@
 World: the table plane is [-0.22, 0.22]^2 metres (x right, y away from the camera, z up).
 The end effector has a position xyz, a yaw and a gripper opening. Grasp: the gripper
 closes (opening falls below 0.5) while the effector is within GRASP_RADIUS of an object
-horizontally, below GRASP_HEIGHT and with its yaw aligned to the object's (modulo pi,
-within GRASP_YAW_TOL); the grasped object then follows the effector. Opening the gripper
+horizontally, below GRASP_HEIGHT and with its yaw aligned to the object's within
+GRASP_YAW_TOL, modulo the object's grasp period (`grasp_period`: a two-finger gripper
+grasps a round object at any yaw, a square one every pi/2, an elongated one every pi), so
+that what the grasp needs is what the camera can show; the grasped object then follows
+the effector. Opening the gripper
 drops it on the table. Success: the target object (row 0) rests inside the target
 receptacle, released, with the gripper open. An episode ends on success or after
 `max_steps` steps; stepping a finished state leaves it unchanged.
@@ -38,7 +41,7 @@ WORKSPACE_HIGH = np.array([0.21, 0.21, 0.2], np.float32)
 EE_START = np.array([0.0, -0.19, 0.1], np.float32)
 GRASP_RADIUS = 0.012
 GRASP_HEIGHT = 0.03
-GRASP_YAW_TOL = 0.2
+GRASP_YAW_TOL = 0.3
 HELD_DROP = 0.012  # a held object hangs this far below the effector
 SUCCESS_MARGIN = 0.008  # the object centre must be this deep inside the receptacle
 ARM_BASE = np.array([0.0, 0.34], np.float32)
@@ -75,9 +78,36 @@ class EnvState(NamedTuple):
   success: jax.Array  # bool []
 
 
+def grasp_period(shape: str) -> float:
+  """Yaw period (rad) after which a shape offers the same grasp to a two-finger gripper.
+
+  The gripper is symmetric under pi; an n-fold symmetric round-aspect shape under 2 pi / n.
+  Together: 0 for a disc or ring (no yaw constraint), 2 pi / n for even n, pi / n for odd
+  n, and pi for elongated or cut shapes.
+  """
+  aspect, n, _, _, _, _, cut_r, _ = cat.SHAPES[shape]
+  if aspect != 1 or cut_r > 0:
+    return float(np.pi)
+  if n <= 1:
+    return 0.0
+  return float(2 * np.pi / n if n % 2 == 0 else np.pi / n)
+
+
+def yaw_error(target_yaw, yaw, period):
+  """Smallest rotation (rad) taking `yaw` to `target_yaw` modulo `period` (0 = any yaw).
+
+  Ties (exactly half a period away) turn in the negative direction whatever the float
+  rounding, so demonstrations of visually identical scenes agree.
+  """
+  bias = 1e-3
+  safe = jnp.where(period > 0, period, 1.0)
+  return jnp.where(period > 0, wrap_angle(target_yaw - yaw + bias, safe) - bias, 0.0)
+
+
 # Catalogue tables as constants.
 def _things(things):
   return dict(
+      grasp_period=np.array([grasp_period(t.shape) for t in things], np.float32),
       shape=np.array([cat.SHAPES[t.shape] for t in things], np.float32),
       colour=np.array([t.colour for t in things], np.float32),
       colour2=np.array([t.colour2 for t in things], np.float32),
@@ -87,6 +117,11 @@ def _things(things):
 
 
 _OBJ = _things(cat.OBJECTS)
+
+
+def grasp_periods(obj_id):
+  """`grasp_period` of catalogue objects `obj_id` (any shape; traceable)."""
+  return jnp.asarray(_OBJ["grasp_period"])[obj_id]
 _REC = _things(cat.RECEPTACLES)
 
 
@@ -296,7 +331,8 @@ def _advance(state: EnvState, action) -> Tuple[EnvState, jax.Array]:
   opening = (state.gripper < 0.5) & (gripper >= 0.5)
 
   reach = jnp.linalg.norm(state.obj_xy - ee[:2], axis=-1)
-  aligned = jnp.abs(wrap_angle(ee_yaw - state.obj_yaw, np.pi)) < GRASP_YAW_TOL
+  period = grasp_periods(state.obj_id)
+  aligned = jnp.abs(yaw_error(state.obj_yaw, ee_yaw, period)) < GRASP_YAW_TOL
   graspable = (reach < GRASP_RADIUS) & (ee[2] < GRASP_HEIGHT) & aligned
   nearest = jnp.argmin(jnp.where(graspable, reach, jnp.inf)).astype(jnp.int32)
   held = jnp.where(closing & graspable.any() & (state.held < 0), nearest, state.held)

@@ -3,7 +3,8 @@
 It reads privileged state (object and receptacle positions), so it bounds what a policy
 can reach and produces the demonstrations. The phase follows from the state alone, so the
 expert recovers from a missed grasp or a moved object (pos_change_to):
-  approach: fly at HOVER_Z over the target object, turning the gripper to its yaw;
+  approach: fly at HOVER_Z over the target object, turning the gripper by the smallest
+            rotation that aligns it with the object (modulo `env.grasp_period`);
   descend:  go down to GRASP_Z once above it and aligned;
   grasp:    close the gripper;
   lift:     rise to CARRY_Z holding the object;
@@ -13,7 +14,6 @@ expert recovers from a missed grasp or a moved object (pos_change_to):
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vla_jax.sim import env
 
@@ -44,7 +44,7 @@ def _plan(state: env.EnvState):
   obj_xy = state.obj_xy[0]
 
   # Not holding: approach / descend / grasp.
-  yaw_error = env.wrap_angle(state.obj_yaw[0] - yaw, np.pi)
+  yaw_error = env.yaw_error(state.obj_yaw[0], yaw, env.grasp_periods(state.obj_id[0]))
   xy_error = jnp.linalg.norm(obj_xy - ee[:2])
   above = (xy_error < XY_TOL) & (jnp.abs(yaw_error) < YAW_TOL)
   too_low = (ee[2] < HOVER_Z - 0.02) & (xy_error > 4 * XY_TOL)
