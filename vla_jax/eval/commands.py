@@ -47,7 +47,7 @@ def run_eval_sim(config: Any, workdir: str, settings: EvalConfig,
   """Evaluates WORKDIR's checkpoint; writes WORKDIR/eval_sim/. Returns the report paths."""
   out_dir = os.path.join(workdir, "eval_sim")
   policy = _policy(workdir, settings)
-  results = sim_eval.evaluate(policy, settings.splits, range(settings.seeds),
+  results = sim_eval.evaluate(policy, settings.splits, sim_eval.eval_seeds(settings.seeds),
                               max_steps=settings.max_steps,
                               batch_size=settings.batch_size or None,
                               strip_episodes=settings.strip_episodes)

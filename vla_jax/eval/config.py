@@ -19,7 +19,7 @@ class EvalConfig:
 
   Attributes:
     splits: tabletop splits for eval_sim (default: every OOD split and VL-Think).
-    seeds: episodes per split (seeds 0..seeds-1, shared across checkpoints).
+    seeds: episodes per split (`sim_eval.eval_seeds(seeds)`, shared across checkpoints).
     max_steps: episode limit (the paper: 80).
     batch_size: environments per batch (0 = all seeds of a split at once).
     strip_episodes: rollout strips kept per split.

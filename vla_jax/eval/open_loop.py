@@ -1,10 +1,15 @@
 """Open-loop metrics on held-out frames: action-token accuracy and L1 of de-normalised actions.
 
-Teacher-forced, as training's eval step: one forward pass per batch of the train-batch
-contract (`train/step.py`), the argmax at every action-token target, the decoded bin
-centres of the A action tokens of each row, and both predictions and the recorded actions
-un-normalised with the checkpoint's statistics, so the L1 is in the dataset's units per
-dimension.
+Token accuracy is teacher-forced, as training's eval step (the argmax at every action-token
+target given the recorded tokens before it). The L1 is of the actions the policy would
+execute: the A action tokens greedily decoded after each prompt (`eval.policy`'s
+decoder), their bin centres and the recorded actions un-normalised with the checkpoint's
+statistics, so it is in the dataset's units per dimension. (Teacher forcing would flatter
+the later dimensions: given the recorded dx, dy and dz of a straight-line move follow
+without looking at the image.) Two numbers say whether the policy reads its camera at all: the L1 of the best
+constant action for these frames (the per-dimension median of the recorded actions, an
+oracle no image-blind policy can beat), and how many distinct action-token sequences the
+policy predicts (a policy that ignores the image predicts one).
 """
 
 from typing import Any, Dict, Iterable
@@ -15,6 +20,7 @@ import numpy as np
 
 from vla_jax.actions import ActionTokenizer, NormStats
 from vla_jax.errors import InputError
+from vla_jax.eval import policy as policy_lib
 from vla_jax.models.vla import VLA
 from vla_jax.train import step as step_lib
 
@@ -34,11 +40,14 @@ def open_loop_metrics(model: VLA, params: Any, batches: Iterable[Dict[str, np.nd
 
   Returns:
     {"token_accuracy", "l1_per_dim" [A] (de-normalised), "l1_mean", "l1_normalized_mean",
-     "frames", "rows_skipped": rows whose action tokens were cut off by max_length}.
+     "constant_l1_per_dim" [A] and "constant_l1_mean" (the best constant action's L1),
+     "l1_vs_constant" (l1_mean / constant_l1_mean: < 1 means the image helps),
+     "distinct_predictions" (distinct predicted action-token tuples), "frames",
+     "rows_skipped": rows whose action tokens were cut off by max_length}.
   """
   predict = jax.jit(lambda p, b: predicted_action_tokens(model, p, b))
   correct = total = frames = skipped = 0
-  errors, errors_normalized = [], []
+  errors, errors_normalized, recorded, predictions = [], [], [], set()
   for batch in batches:
     tokens = np.asarray(batch["tokens"])
     targets = np.asarray(batch["loss_mask"], bool) & np.asarray(batch["input_mask"], bool)
@@ -49,12 +58,20 @@ def open_loop_metrics(model: VLA, params: Any, batches: Iterable[Dict[str, np.nd
     total += int(targets.sum())
     actions = np.asarray(batch["actions"], np.float64)
     dims = actions.shape[-1]
+    complete = targets.sum(axis=1) == dims  # rows cut by data.max_length lack targets
+    lengths = np.where(complete, np.argmax(targets, axis=1), 1).astype(np.int32)
+    length = max(tokens.shape[1], int(lengths.max()) + dims)
+    buffer = np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
+    greedy = np.asarray(policy_lib.greedy_action_tokens(
+        model, params, np.asarray(batch["images"]), buffer, lengths, dims))
     for row in range(len(tokens)):
-      ids = predicted[row][targets[row]]
-      if len(ids) != dims:  # a prompt cut by data.max_length (the pipeline warns)
+      if not complete[row]:  # a prompt cut by data.max_length (the pipeline warns)
         skipped += 1
         continue
+      ids = greedy[row]
+      predictions.add(tuple(ids.tolist()))
       guess = action_tokenizer.decode(ids.astype(np.int64))
+      recorded.append(norm_stats.unnormalize(actions[row]))
       errors_normalized.append(np.abs(guess - actions[row]))
       errors.append(np.abs(norm_stats.unnormalize(guess) - norm_stats.unnormalize(actions[row])))
       frames += 1
@@ -62,6 +79,11 @@ def open_loop_metrics(model: VLA, params: Any, batches: Iterable[Dict[str, np.nd
     raise InputError(f"open_loop_metrics got no complete frame ({skipped} rows lacked their "
                      "action tokens); is the val split empty, or data.max_length too short?")
   l1 = np.mean(errors, axis=0)
+  recorded = np.asarray(recorded)
+  constant_l1 = np.mean(np.abs(recorded - np.median(recorded, axis=0)), axis=0)
   return {"token_accuracy": correct / total, "l1_per_dim": l1.tolist(),
           "l1_mean": float(l1.mean()), "l1_normalized_mean": float(np.mean(errors_normalized)),
-          "frames": frames, "rows_skipped": skipped}
+          "constant_l1_per_dim": constant_l1.tolist(),
+          "constant_l1_mean": float(constant_l1.mean()),
+          "l1_vs_constant": float(l1.mean() / max(constant_l1.mean(), 1e-12)),
+          "distinct_predictions": len(predictions), "frames": frames, "rows_skipped": skipped}

@@ -25,6 +25,9 @@ from vla_jax.sim import catalogue as cat
 from vla_jax.sim import rollout as rollout_lib
 
 AXIS_ORDER = ("semantic", "vision", "execution", "vlthink")
+# Evaluation episodes start at this seed, so that no episode repeats the initial state of a
+# demonstration (the bundled dataset's train seeds are 0.., its val seeds 1_000_000..).
+EVAL_SEED_OFFSET = 2_000_000
 Z95 = 1.959963984540054
 
 
@@ -50,8 +53,13 @@ def _check_splits(splits: Sequence[str]) -> List[str]:
   return list(splits)
 
 
+def eval_seeds(count: int) -> List[int]:
+  """The seeds of `count` evaluation episodes per split (shared by every checkpoint)."""
+  return list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + count))
+
+
 def evaluate(policy: rollout_lib.Policy, splits: Sequence[str] = EVAL_SPLITS,
-             seeds: Sequence[int] = tuple(range(16)), *, max_steps: int = 80,
+             seeds: Sequence[int] = tuple(eval_seeds(16)), *, max_steps: int = 80,
              image_size: int = 64, batch_size: Optional[int] = None, strip_episodes: int = 2,
              progress: bool = True) -> Dict[str, Any]:
   """Rolls `policy` out on each split for each seed.
@@ -59,7 +67,8 @@ def evaluate(policy: rollout_lib.Policy, splits: Sequence[str] = EVAL_SPLITS,
   Args:
     policy: a `sim.rollout.Policy`.
     splits: split names (`sim.catalogue.SPLITS`).
-    seeds: episode seeds, shared by all splits (so checkpoints pair up seed by seed).
+    seeds: episode seeds, shared by all splits (so checkpoints pair up seed by seed);
+      `eval_seeds(n)` gives n seeds disjoint from every demonstration's.
     max_steps: episode limit (the paper: 80).
     image_size: rendered image side (the policy preprocesses to its own resolution).
     batch_size: environments per batch (default: all seeds of a split at once).
