@@ -55,19 +55,26 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       target_regex=r"^(?!.*(lm_head|embedding/kernel|patch_embed/kernel))")))
   # Local checkpoints to start from ("" = random init). Formats: "hf" (a save_pretrained
   # directory or .safetensors), "big_vision" (.npz, `file.npz:subtree` allowed), "orbax"
-  # (the output of --mode=convert).
-  config.weights = dict(student="", student_format="hf", teacher="", teacher_format="big_vision")
+  # (the output of --mode=convert). `student_vision` lays pretrained towers + projector over
+  # the student. "bundled" (CPU presets): our stand-in for web pretraining, vision
+  # pretrained on tabletop renders of every split (vla_jax/train/pretrain.py), built on
+  # first use and cached; a student trained from random towers ignores its camera.
+  config.weights = dict(student="", student_format="hf",
+                        student_vision="bundled" if tiny else "",
+                        teacher="bundled" if tiny else "", teacher_format="big_vision")
   # Tokenizer: a SentencePiece .model, a HF tokenizer directory, or "bundled" (a small
   # Llama-style model trained on the bundled dataset's prompts, built on first use).
   # OpenVLA-7B needs Llama-2's: --config.tokenizer=/path/to/llama2/tokenizer.model
   config.tokenizer = "bundled" if tiny else ""
   config.batch_size = 2  # --mode=describe only; training uses train.batch_size
 
-  # Optimisation: the paper's AdamW at a constant 5e-4, batch 8, 60k steps; the tiny
-  # default trains the whole (small) student for a few hundred steps.
+  # Optimisation: the paper's AdamW at a constant 5e-4, batch 8, 60k steps. The CPU-sized
+  # default trains the whole small student (its LLM starts from random weights) at 1e-3
+  # after a 100-step warmup, for as many steps as fit in about 10 minutes on 2 cores.
   config.train = dataclasses.asdict(state_lib.TrainConfig(
       trainable="lora" if use_lora else "full", batch_size=8,
-      num_steps=300 if tiny else 60_000))
+      learning_rate=1e-3 if tiny else 5e-4, warmup_steps=100 if tiny else 0,
+      num_steps=2_000 if tiny else 60_000))
   config.sharding = dataclasses.asdict(sharding_lib.ShardingConfig())
   config.distributed = False  # True: jax.distributed.initialize() (multi-host)
   # Input pipeline (vla_jax.data.pipeline.DataConfig; batch size, image size, tokenizer
@@ -76,10 +83,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.data = dict(
       sources=[dict(name="tabletop", data_dir="", weight=1.0, split="train")],
       shuffle_buffer=2_000 if tiny else 100_000, max_length=48 if tiny else 64)
-  config.log_every = 10 if tiny else 100
-  config.eval_every = 100 if tiny else 2_000
+  config.log_every = 20 if tiny else 100
+  config.eval_every = 500 if tiny else 2_000
   config.eval_batches = 4
-  config.checkpoint_every = 100 if tiny else 2_000
+  config.checkpoint_every = 500 if tiny else 2_000
   config.keep_checkpoints = 3
   config.keep_period = 0  # also keep every K-th step (0 = no)
   # Evaluation and analysis modes (eval_sim, open_loop, probe, attention, tsne).

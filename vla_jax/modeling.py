@@ -15,6 +15,7 @@ from typing import Any, Dict, Tuple
 import jax
 import jax.numpy as jnp
 
+from vla_jax.errors import ConfigError
 from vla_jax.experiment import Experiment
 from vla_jax.models.align import AlignProjector, alignment_loss
 from vla_jax.models.teacher import Teacher
@@ -61,13 +62,43 @@ def init_params(models: Models, experiment: Experiment, rng) -> Dict[str, Any]:
   return jax.jit(lambda r: _init_all(models, experiment, r))(rng)
 
 
+BUNDLED = "bundled"
+
+
+def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, Any]:
+  """`weights` with "bundled" entries replaced by the cached pretrained checkpoints.
+
+  `weights.student_vision` / `weights.teacher` = "bundled" name the CPU-sized vision
+  pretraining of `vla_jax.train.pretrain` (built on first use, cached).
+  """
+  weights = dict(weights.to_dict() if hasattr(weights, "to_dict") else weights)
+  wanted = [k for k in ("student_vision", "teacher") if weights.get(k) == BUNDLED]
+  if not wanted:
+    return weights
+  if "teacher" in wanted and weights.get("teacher_format", "big_vision") != "big_vision":
+    raise ConfigError("weights.teacher='bundled' is a big_vision .npz; set "
+                      "weights.teacher_format='big_vision'.")
+  from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  built = pretrain.ensure_pretrained(experiment)
+  for key in wanted:
+    if not built[key]:
+      raise ConfigError(f"weights.{key}='bundled' exists for SigLIP teachers only; this "
+                        f"experiment's teacher is {experiment.teacher.kind!r}. Point "
+                        f"weights.{key} at a checkpoint or set it to ''.")
+    weights[key] = built[key]
+  return weights
+
+
 def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experiment,
                      weights: Any) -> Dict[str, Any]:
   """Replaces student/teacher params with the checkpoints named in `weights`.
 
   `weights` holds `student`, `student_format`, `teacher`, `teacher_format` (paths may be
-  empty: that part keeps its random init). Format "orbax" reads a converted checkpoint.
+  empty: that part keeps its random init) and optionally `student_vision` (pretrained
+  towers + projector laid over the student, `vla_jax.train.pretrain`). Format "orbax"
+  reads a converted checkpoint; "bundled" builds the CPU-sized pretraining on first use.
   """
+  weights = resolve_bundled_weights(weights, experiment)
   params = dict(params)
   abstract = abstract_params(models, experiment)
   loaders = {"student": (experiment.model, vla_weights.load_student, "hf"),
@@ -81,6 +112,11 @@ def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experim
       params[part], _ = convert_lib.load_converted(weights[part], config, abstract[part])
     else:
       params[part] = load(weights[part], config, fmt)
+  if weights.get("student_vision"):
+    from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+    logging.info("Loading pretrained student vision from %s", weights["student_vision"])
+    params["student"] = {**params["student"],
+                         **pretrain.load_student_vision(weights["student_vision"], experiment)}
   return params
 
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # trains a model
 def _config(data_dir, tokenizer):
   config = load_config(REPO / "configs" / "align.py", "tiny")
   config.tokenizer = tokenizer
+  config.weights.student_vision, config.weights.teacher = "", ""  # random towers: fast
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
   config.data.max_length = 96  # the small test tokenizer needs more ids per prompt
@@ -29,6 +30,7 @@ def _config(data_dir, tokenizer):
   config.align.align_layer = 1
   config.train.num_steps = 2
   config.train.batch_size = 4
+  config.train.warmup_steps = 0
   config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
   return config
 
@@ -39,7 +41,8 @@ def trained(tmp_path_factory):
   data_dir = bundled.bundled_dataset_dir(str(root / "data"), num_train=6, num_val=2,
                                          progress=False)
   prompts = [openvla_prompt(f"put the {o} on the plate") for o in ("red cube", "carrot")]
-  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300)
+  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300,
+                                action_ids=256)
   config = _config(data_dir, str(tokenizer.path))
   workdir = str(root / "workdir")
   loop.train(config, workdir)

@@ -21,7 +21,8 @@ def small_data(tmp_path_factory):
   root = tmp_path_factory.mktemp("tabletop")
   data_dir = bundled.bundled_dataset_dir(str(root), num_train=12, num_val=4, progress=False)
   prompts = [openvla_prompt(f"put the {o} on the plate") for o in ("cube", "ball", "star")]
-  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300)
+  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300,
+                                action_ids=256)
   return data_dir, str(tokenizer.path)
 
 
@@ -29,10 +30,12 @@ def _config(small_data, steps, **overrides):
   config = load_config(REPO / "configs" / "align.py", "tiny")
   data_dir, tokenizer = small_data
   config.tokenizer = tokenizer
+  config.weights.student_vision, config.weights.teacher = "", ""  # random towers: fast
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
   config.train.num_steps = steps
   config.train.batch_size = 4
+  config.train.warmup_steps = 0
   config.log_every, config.checkpoint_every, config.eval_every = 1, 3, 0
   for key, value in overrides.items():
     node = config

@@ -1,0 +1,313 @@
+"""Vision pretraining on tabletop renders, so that a CPU-sized VLA starts out seeing.
+
+A real VLA fine-tunes a VLM whose vision towers were pretrained on the web, and the paper's
+teacher is a pretrained vision model. The CPU-sized student and teacher have no such
+checkpoints, and from random weights the student does not learn to read its camera within
+a CPU-sized fine-tuning run: it memorises the action marginals and decodes the same tokens
+for every frame. This module is our stand-in for that pretraining. A vision path (the
+student's towers + projector, or the teacher's tower) learns from renders of every split's
+content (all objects, receptacles, tables, backgrounds, blend textures, arm poses) to
+  * locate the target object, the target receptacle, the end effector and the effector's
+    ground point (where it is over the table; the oblique camera lifts the effector up the
+    image with its height, so the two differ): per keypoint, a softmax over the
+    visual-token grid and the offset inside the winning patch;
+  * read, from the *mean* of the visual tokens, the effector's height, gripper opening,
+    whether it holds the object, its yaw error to the object (modulo the object's grasp
+    period), the keypoints, and the object's and receptacle's offsets from the effector
+    on the table (metres / 0.1). The mean matters: a freshly initialised LLM attends almost uniformly over
+    the visual tokens, so what the mean carries is what fine-tuning can use from step one
+    (without these targets the fine-tuned policy still ignored the image).
+Labels come from the simulator's state through the camera model (`sim.render.project`);
+no demonstration action is used. The heads are thrown away afterwards.
+
+`ensure_pretrained(experiment)` builds both checkpoints on first use (rendering the data
+once) and caches them by a hash of the architecture and `PretrainConfig`: the student's
+vision subtrees in `student_vision.npz` (our parameter names, plus the config they were
+made for) and the teacher tower in big_vision's `.npz` layout, so that it loads through
+the normal teacher loader (`weights.teacher`, format big_vision).
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from vla_jax.errors import CheckpointError
+from vla_jax.experiment import Experiment
+from vla_jax.weights import npz
+
+VERSION = 1  # bump when the data, labels or objective change
+STUDENT_VISION = ("siglip", "dino", "projector")
+NUM_KEYPOINTS = 4  # target object, target receptacle, end effector, its ground point
+# Effector height, gripper opening, holding, yaw error, the keypoints (u, v), object and
+# receptacle offsets from the effector on the table (dx, dy).
+NUM_GLOBAL = 4 + 2 * NUM_KEYPOINTS + 4
+PRETRAIN_SPLITS = ("train", "carrot", "plate", "multi_plate", "vision_img", "tex03",
+                   "whole03", "position", "ee_pose")
+RENDER_SEED_BASE = 3_000_000  # render seeds, disjoint from demos and evaluation episodes
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Data and optimisation of the vision pretraining.
+
+  Attributes:
+    splits: tabletop splits whose expert episodes are rendered.
+    episodes_per_split, frames_per_episode: how many renders (random steps per episode).
+    steps, batch_size, learning_rate, warmup_steps: AdamW with warmup + cosine decay.
+    seed: data and initialisation seed.
+  """
+  splits: Tuple[str, ...] = PRETRAIN_SPLITS
+  episodes_per_split: int = 200
+  frames_per_episode: int = 6
+  steps: int = 1200
+  batch_size: int = 32
+  learning_rate: float = 2e-3
+  warmup_steps: int = 100
+  seed: int = 0
+
+
+# ------------------------------------------------------------------------------- data
+def render_keypoint_data(config: PretrainConfig, image_size: int
+                         ) -> Dict[str, np.ndarray]:
+  """Renders expert-episode frames with their labels.
+
+  Returns:
+    {"images": uint8 [N, S, S, 3], "keypoints": float32 [N, 4, 2] image coordinates
+     (u, v) in [0, 1] of the object, receptacle, effector and its ground point, "global": float32
+     [N, NUM_GLOBAL] (module docstring), each target scaled to roughly unit range}.
+  """
+  from vla_jax.sim import env, rollout  # pylint: disable=g-import-not-at-top
+  from vla_jax.sim import render as render_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(config.seed)
+  parts = []
+  for index, split in enumerate(tqdm.tqdm(config.splits, desc="pretrain renders",
+                                          leave=False)):
+    start = RENDER_SEED_BASE + 10_000 * index + config.seed * 1_000
+    keys = rollout.seed_keys(range(start, start + config.episodes_per_split))
+    _, traj = rollout.expert_episodes(keys, split, render=False)
+    lengths = np.asarray(traj["active"]).sum(axis=1)
+    rows, cols = [], []
+    for episode, length in enumerate(lengths):
+      steps = rng.choice(int(length), min(config.frames_per_episode, int(length)), False)
+      rows += [episode] * len(steps)
+      cols += steps.tolist()
+    states = jax.tree.map(lambda x: x[np.asarray(rows), np.asarray(cols)], traj["env_state"])
+    receptacle = jax.vmap(lambda s: env.target_receptacle(s)[0])(states)
+    zero = jnp.zeros_like(receptacle[:, :1])
+    points = jnp.stack([
+        jnp.concatenate([states.obj_xy[:, 0], states.obj_z[:, :1]], -1),
+        jnp.concatenate([receptacle, zero], -1),
+        states.ee,
+        jnp.concatenate([states.ee[:, :2], zero], -1)], axis=1)
+    yaw_error = env.yaw_error(states.obj_yaw[:, 0], states.ee_yaw,
+                              env.grasp_periods(states.obj_id[:, 0]))
+    keypoints = render_lib.project(points)  # [N, 4, 2]
+    offsets = points[:, :2, :2] - states.ee[:, None, :2]  # object / receptacle - effector
+    glob = jnp.concatenate([
+        jnp.stack([states.ee[:, 2] / 0.1, states.gripper,
+                   (states.held == 0).astype(jnp.float32), yaw_error / 0.8], -1),
+        4.0 * (keypoints.reshape(-1, 2 * NUM_KEYPOINTS) - 0.5),
+        offsets.reshape(-1, 4) / 0.1], -1)
+    parts.append({"images": np.asarray(rollout.render_batch(states, image_size)),
+                  "keypoints": np.asarray(keypoints, np.float32),
+                  "global": np.asarray(glob, np.float32)})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ------------------------------------------------------------------------------- objective
+class KeypointHeads(nn.Module):
+  """Per-patch (score, du, dv) for each keypoint and a global regression on the mean token."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    """tokens [B, N, D] -> ([B, N, NUM_KEYPOINTS, 3], [B, NUM_GLOBAL])."""
+    batch, num, _ = tokens.shape
+    per_patch = nn.Dense(NUM_KEYPOINTS * 3, name="patch")(tokens.astype(jnp.float32))
+    glob = nn.Dense(NUM_GLOBAL, name="global")(tokens.astype(jnp.float32).mean(1))
+    return per_patch.reshape(batch, num, NUM_KEYPOINTS, 3), glob
+
+
+def keypoint_loss(per_patch, glob_pred, keypoints, glob, grid: int):
+  """Cross-entropy over patches + offset and global squared errors.
+
+  Returns:
+    (loss, {"cross_entropy", "offset_mse", "global_mse", "patch_accuracy"}).
+  """
+  cell = jnp.clip(jnp.floor(keypoints * grid), 0, grid - 1).astype(jnp.int32)  # [B, K, 2]
+  index = cell[..., 1] * grid + cell[..., 0]  # row-major over (v, u)
+  scores = jnp.moveaxis(per_patch[..., 0], 1, 2)  # [B, K, N]
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(scores, index).mean()
+  offsets = jnp.take_along_axis(jnp.moveaxis(per_patch[..., 1:], 1, 2),
+                                index[..., None, None], axis=2)[:, :, 0]  # [B, K, 2]
+  offset_mse = jnp.mean((jax.nn.sigmoid(offsets) - (keypoints * grid - cell)) ** 2)
+  global_mse = jnp.mean((glob_pred - glob) ** 2)
+  metrics = {"cross_entropy": cross_entropy, "offset_mse": offset_mse,
+             "global_mse": global_mse,
+             "patch_accuracy": jnp.mean(jnp.argmax(scores, -1) == index)}
+  return cross_entropy + 10.0 * offset_mse + global_mse, metrics
+
+
+def pretrain_tokens(encode: Callable[[Any, jax.Array], jax.Array], params: Any,
+                    data: Dict[str, np.ndarray], grid: int, config: PretrainConfig,
+                    *, desc: str = "pretrain", progress: bool = True
+                    ) -> Tuple[Any, Dict[str, float]]:
+  """Trains `params` so that `encode(params, images) -> [B, grid**2, D]` locates things.
+
+  Returns:
+    (trained params, held-out metrics of the last 5 % of the renders, never trained on).
+  """
+  held_out = max(len(data["images"]) // 20, 1)
+  train = {k: v[:-held_out] for k, v in data.items()}
+  test = {k: v[-held_out:][:256] for k, v in data.items()}
+  heads = KeypointHeads()
+  sample = encode(params, jnp.asarray(train["images"][:1]))
+  trainable = {"vision": params,
+               "heads": heads.init(jax.random.key(config.seed), sample)["params"]}
+  optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, config.steps,
+      config.learning_rate * 0.05))
+  opt_state = optimizer.init(trainable)
+
+  def loss_fn(trainable, images, keypoints, glob):
+    per_patch, glob_pred = heads.apply({"params": trainable["heads"]},
+                                       encode(trainable["vision"], images))
+    return keypoint_loss(per_patch, glob_pred, keypoints, glob, grid)
+
+  @jax.jit
+  def step(trainable, opt_state, images, keypoints, glob):
+    grads, _ = jax.grad(loss_fn, has_aux=True)(trainable, images, keypoints, glob)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+  rng = np.random.default_rng(config.seed)
+  for _ in tqdm.trange(config.steps, desc=desc, disable=not progress, leave=False):
+    rows = rng.integers(0, len(train["images"]), config.batch_size)
+    trainable, opt_state = step(trainable, opt_state, train["images"][rows],
+                                train["keypoints"][rows], train["global"][rows])
+  _, metrics = jax.jit(loss_fn)(trainable, test["images"], test["keypoints"], test["global"])
+  return trainable["vision"], {k: float(v) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------- files
+def _vision_config(experiment: Experiment) -> Dict[str, Any]:
+  """What the student's vision subtrees depend on (compute dtype and remat excluded)."""
+  model = dataclasses.asdict(experiment.model)
+  drop = ("dtype", "remat")
+  tower = lambda t: None if t is None else {k: v for k, v in t.items() if k not in drop}
+  return {"siglip": tower(model["siglip"]), "dino": tower(model["dino"]),
+          "image_size": model["image_size"], "arch": model["arch"],
+          "llm_width": model["llm"]["width"]}
+
+
+def save_student_vision(path: str, params: Dict[str, Any], experiment: Experiment) -> None:
+  """Writes the student's vision subtrees and the config they belong to as one `.npz`."""
+  flat = npz.flatten({k: params[k] for k in STUDENT_VISION})
+  flat["__config__"] = np.asarray(json.dumps(_vision_config(experiment), sort_keys=True))
+  np.savez(path, **flat)
+
+
+def load_student_vision(path: str, experiment: Experiment) -> Dict[str, Any]:
+  """The vision subtrees in `path`; CheckpointError if they were made for other towers."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"No pretrained student vision at {path!r}; set "
+                          "weights.student_vision to a file written by save_student_vision, "
+                          "'bundled', or '' for random towers.")
+  with np.load(path, allow_pickle=False) as data:
+    flat = {k: data[k] for k in data.files}
+  if "__config__" not in flat:
+    raise CheckpointError(f"{path} holds no '__config__' entry; it was not written by "
+                          "save_student_vision.")
+  stored = json.loads(str(flat.pop("__config__")))
+  wanted = json.loads(json.dumps(_vision_config(experiment), sort_keys=True))
+  if stored != wanted:
+    differs = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    raise CheckpointError(f"{path} was pretrained for other vision towers (differing: "
+                          f"{differs}); pretrain for this model (weights.student_vision="
+                          "'bundled' builds a matching one) or use '' for random towers.")
+  tree: Dict[str, Any] = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = jnp.asarray(value)
+  return tree
+
+
+def _digest(*parts: Any) -> str:
+  text = json.dumps([VERSION, *parts], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainConfig(),
+                      cache_dir: Optional[str] = None, *, progress: bool = True
+                      ) -> Dict[str, str]:
+  """Paths of the pretrained student vision and teacher, built and cached on first use.
+
+  Returns:
+    {"student_vision": .npz of the student's towers + projector, "teacher": big_vision
+     .npz of the teacher tower (a SigLIP teacher; a DINOv2 teacher is not pretrained
+     here and gets "")}.
+  """
+  from vla_jax import modeling  # pylint: disable=g-import-not-at-top
+  from vla_jax.models import vla as vla_lib  # pylint: disable=g-import-not-at-top
+  from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
+  from vla_jax.weights import siglip as siglip_weights  # pylint: disable=g-import-not-at-top
+  root = os.path.join(bundled.cache_root(cache_dir), "pretrained")
+  setup = dataclasses.asdict(config)
+  teacher_config = dataclasses.asdict(experiment.teacher)
+  paths = {
+      "student_vision": os.path.join(
+          root, f"student_vision_{_digest(_vision_config(experiment), setup)}.npz"),
+      "teacher": "" if experiment.teacher.kind != "siglip" else os.path.join(
+          root, f"teacher_{_digest(teacher_config, experiment.model.grid, setup)}.npz"),
+  }
+  missing = [k for k, p in paths.items() if p and not os.path.exists(p)]
+  if not missing:
+    return paths
+  os.makedirs(root, exist_ok=True)
+  start = time.perf_counter()
+  logging.info("Pretraining %s on tabletop renders (first use; cached in %s).",
+               " and ".join(missing), root)
+  data = render_keypoint_data(config, experiment.model.image_size)
+  models = modeling.build_models(experiment)
+  params = modeling.init_params(models, experiment, jax.random.key(config.seed))
+  grid = experiment.model.grid
+  tmp = tempfile.mkdtemp(prefix=".tmp_pretrain_", dir=root)
+  try:
+    if "student_vision" in missing:
+      student = params["student"]
+      encode = lambda p, images: models.student.apply(
+          {"params": {**student, **p}}, images, method=vla_lib.VLA.encode_images)
+      vision, metrics = pretrain_tokens(encode, {k: student[k] for k in STUDENT_VISION},
+                                        data, grid, config, desc="pretrain student vision",
+                                        progress=progress)
+      logging.info("Student vision pretrained: held-out %s", metrics)
+      save_student_vision(os.path.join(tmp, "student.npz"), vision, experiment)
+      os.replace(os.path.join(tmp, "student.npz"), paths["student_vision"])
+    if "teacher" in missing:
+      encode = lambda p, images: models.teacher.apply(
+          {"params": p}, images, grid, experiment.align.grid_match)
+      teacher, metrics = pretrain_tokens(encode, params["teacher"], data, grid, config,
+                                         desc="pretrain teacher", progress=progress)
+      logging.info("Teacher pretrained: held-out %s", metrics)
+      siglip_weights.save_big_vision(os.path.join(tmp, "teacher.npz"),
+                                     jax.device_get(teacher["tower"]))
+      os.replace(os.path.join(tmp, "teacher.npz"), paths["teacher"])
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  logging.info("Vision pretraining took %.0f s.", time.perf_counter() - start)
+  return paths
