@@ -79,7 +79,7 @@ def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, A
     raise ConfigError("weights.teacher='bundled' is a big_vision .npz; set "
                       "weights.teacher_format='big_vision'.")
   from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-  built = pretrain.ensure_pretrained(experiment)
+  built = pretrain.ensure_pretrained(experiment, parts=tuple(wanted))
   for key in wanted:
     if not built[key]:
       raise ConfigError(f"weights.{key}='bundled' exists for SigLIP teachers only; this "

@@ -253,10 +253,14 @@ def _digest(*parts: Any) -> str:
 
 
 def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainConfig(),
-                      cache_dir: Optional[str] = None, *, progress: bool = True
+                      cache_dir: Optional[str] = None, *, progress: bool = True,
+                      parts: Tuple[str, ...] = ("student_vision", "teacher")
                       ) -> Dict[str, str]:
   """Paths of the pretrained student vision and teacher, built and cached on first use.
 
+  Args:
+    parts: which of "student_vision" and "teacher" to build if missing (both are
+      returned; a part not asked for may name a file that does not exist yet).
   Returns:
     {"student_vision": .npz of the student's towers + projector, "teacher": big_vision
      .npz of the teacher tower (a SigLIP teacher; a DINOv2 teacher is not pretrained
@@ -275,7 +279,7 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
       "teacher": "" if experiment.teacher.kind != "siglip" else os.path.join(
           root, f"teacher_{_digest(teacher_config, experiment.model.grid, setup)}.npz"),
   }
-  missing = [k for k, p in paths.items() if p and not os.path.exists(p)]
+  missing = [k for k, p in paths.items() if k in parts and p and not os.path.exists(p)]
   if not missing:
     return paths
   os.makedirs(root, exist_ok=True)
