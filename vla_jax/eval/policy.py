@@ -8,9 +8,10 @@ dataset it was trained on and the tokenizer path. `VLAPolicy` then does what Ope
 (`data.augment.preprocess_for_serving`, the same function training's eval branch uses),
 the OpenVLA prompt ending in "▁", greedy decoding of the action tokens, bin centres, and
 un-normalisation with the q01/q99 statistics (masked dimensions, the gripper, pass
-through). Decoding has no KV cache: each of the A tokens is one full forward pass over a
-fixed-length, right-padded buffer inside one jitted `lax.fori_loop`, which is simple and
-exact; a cache would make each step O(1) in the prompt length.
+through). Decoding is `vla_jax.models.decode.greedy_decode`: the images are encoded and
+the prompt prefilled into a KV cache once, then each of the A action tokens is one
+incremental step, all in one jitted call (`use_cache=False` keeps the full-recompute
+decoder, one whole forward pass per token, for benchmarks and tests).
 """
 
 import functools
@@ -29,6 +30,7 @@ from vla_jax.data import augment as augment_lib
 from vla_jax.data import batching
 from vla_jax.errors import CheckpointError, ConfigError, InputError
 from vla_jax.experiment import Experiment
+from vla_jax.models import decode as decode_lib
 from vla_jax.models.vla import VLA
 from vla_jax.text import Tokenizer, openvla_inputs
 from vla_jax.train import checkpoint as ckpt_lib
@@ -91,32 +93,30 @@ def load_checkpoint(path: str, step: Optional[int] = None
   return params, experiment, ckpt_lib.norm_stats_from_assets(assets), {**assets, "step": step}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_actions"))
+@functools.partial(jax.jit, static_argnames=("model", "num_actions", "use_cache"))
 def greedy_action_tokens(model: VLA, params: Any, images: jax.Array, tokens: jax.Array,
-                         lengths: jax.Array, num_actions: int) -> jax.Array:
-  """Greedy decoding of `num_actions` tokens after each prompt (no KV cache).
+                         lengths: jax.Array, num_actions: int,
+                         use_cache: bool = True) -> jax.Array:
+  """Greedy decoding of `num_actions` tokens after each right-padded prompt.
 
   Args:
     images: uint8 [B, S, S, 3] at the model's resolution.
-    tokens: int32 [B, L] right-padded prompts with room for the actions (L >= len + A).
+    tokens: int32 [B, L] right-padded prompts with room for the actions (L >= len + A,
+      as `VLAPolicy.prompt_batch` lays them out); the last A columns are not read.
     lengths: int32 [B] prompt lengths (BOS included).
+    use_cache: False decodes by full recomputation (the reference, for benchmarks).
   Returns:
     int32 [B, A] generated token ids.
   """
-  batch, length = tokens.shape
-  visual = model.config.num_visual_tokens
-  rows = jnp.arange(batch)
-
-  def body(j, tokens):
-    input_mask = jnp.arange(length)[None, :] < (lengths + j)[:, None]
-    logits = model.apply({"params": params}, images, tokens, input_mask)["logits"]
-    # Text token t sits at sequence position t + N (t >= 1), so t is predicted at t + N - 1.
-    nxt = lengths + j
-    predicted = jnp.argmax(logits[rows, nxt + visual - 1], axis=-1).astype(jnp.int32)
-    return tokens.at[rows, nxt].set(predicted)
-
-  tokens = jax.lax.fori_loop(0, num_actions, body, tokens)
-  return tokens[rows[:, None], lengths[:, None] + jnp.arange(num_actions)[None, :]]
+  length = tokens.shape[1] - num_actions
+  if length < 1:
+    raise InputError(f"tokens [B, {tokens.shape[1]}] leave no room for {num_actions} actions "
+                     "after the prompt; pad the buffer to prompt length + num_actions.")
+  # Every prompt fits in the first L - A columns; decoding appends the actions after them.
+  prompts = tokens[:, :length]
+  input_mask = jnp.arange(length)[None, :] < lengths[:, None]
+  return decode_lib.greedy_decode(model, params, images, prompts, input_mask, num_actions,
+                                  use_cache=use_cache)
 
 
 class VLAPolicy:
@@ -127,11 +127,13 @@ class VLAPolicy:
     tokenizer: its tokenizer; action ids are the last `n_bins` ids below vocab_size.
     norm_stats: statistics actions are un-normalised with.
     augment: the training run's AugmentConfig (the eval centre crop follows it).
+    use_cache: decode with the KV cache (default); False re-runs the whole model per
+      action token (the reference `benchmarks/eval_speed.py` compares against).
   """
 
   def __init__(self, model: VLA, params: Any, tokenizer: Tokenizer, norm_stats: NormStats,
                *, augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig(),
-               action_dim: int = ACTION_DIM, length_bucket: int = 8):
+               action_dim: int = ACTION_DIM, length_bucket: int = 8, use_cache: bool = True):
     if model.config.arch != "openvla":
       raise ConfigError(f"VLAPolicy decodes OpenVLA prompts; model.arch={model.config.arch!r} "
                         "is not supported yet (PaliGemma needs its prefix-LM prompt).")
@@ -140,6 +142,7 @@ class VLAPolicy:
                         f"{action_dim}; use the statistics of the dataset the model learned.")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.norm_stats, self.augment, self.action_dim = norm_stats, augment, action_dim
+    self.use_cache = use_cache
     self.action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size)
     self._bucket = length_bucket
     self._prompt_cache: Dict[str, np.ndarray] = {}
@@ -185,22 +188,24 @@ class VLAPolicy:
                        f"{images.shape} and {len(instructions)} instructions.")
     tokens, lengths = self.prompt_batch(instructions)
     ids = greedy_action_tokens(self.model, self.params, self.preprocess(images), tokens,
-                               lengths, self.action_dim)
+                               lengths, self.action_dim, use_cache=self.use_cache)
     normalized = self.action_tokenizer.decode(np.asarray(ids))
     return np.asarray(self.norm_stats.unnormalize(normalized), np.float32)
 
 
 def load_policy(path: str, *, step: Optional[int] = None, dataset: str = "",
-                tokenizer: str = "") -> VLAPolicy:
+                tokenizer: str = "", use_cache: bool = True) -> VLAPolicy:
   """`VLAPolicy` of a run or exported checkpoint (see `load_checkpoint`).
 
   Args:
     dataset: whose norm stats to use (default: the run's first data source).
     tokenizer: override the tokenizer path stored in the checkpoint's assets.
+    use_cache: KV-cache decoding (default) or full recomputation (see `VLAPolicy`).
   """
   params, experiment, norm_stats, assets = load_checkpoint(path, step)
   tokenizer = tokenizer or assets.get("tokenizer", "")
   if not tokenizer:
     raise CheckpointError(f"{path} names no tokenizer in its assets; pass tokenizer=PATH.")
   _, stats = choose_norm_stats(norm_stats, assets, dataset)
-  return VLAPolicy(VLA(experiment.model), params, Tokenizer.from_path(tokenizer), stats)
+  return VLAPolicy(VLA(experiment.model), params, Tokenizer.from_path(tokenizer), stats,
+                   use_cache=use_cache)

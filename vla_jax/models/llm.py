@@ -10,6 +10,15 @@ and a separate `lm_head`. Besides logits the model returns the final-normed hidd
 states and, on request, the residual stream after `capture_layer` blocks at a slice of
 positions (the visual tokens, for alignment) without stacking every layer's activations.
 
+Decoding with a KV cache: `init_kv_cache` allocates fixed-size key/value buffers
+(`KVCache`, [depth, B, max_len, K, hd]); `__call__(..., kv_cache=cache)` writes the keys
+and values of its T new tokens at slots [end, end + T) with `dynamic_update_slice`, lets
+them attend to every real token already cached plus, by `attn_mask`, to each other, and
+returns the updated cache in `out["kv_cache"]`. One call over the prompt (prefill) and
+one call per generated token reproduce the full-sequence forward pass, for causal and
+prefix-LM masks alike, because every cached token precedes the new ones.
+`vla_jax.models.decode` builds greedy decoding of a VLA on top of this.
+
 Parameter names (frozen; the loaders in `vla_jax.weights.llm` target them):
   embedder/input_embedding                      [V, D]
   layers_{i}/... (looped) or layers/... (scanned, leading axis = depth):
@@ -32,6 +41,7 @@ import operator
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -176,9 +186,12 @@ def prefix_lm_mask(input_mask: jax.Array, prefix_mask: jax.Array) -> jax.Array:
 
   Prefix tokens attend bidirectionally among the prefix; the other tokens attend the
   prefix and, causally, each other; nobody attends padding. (big_vision's `mask_ar`
-  convention: token groups by cumulative count of non-prefix tokens.)
+  convention: token groups by cumulative count of non-prefix tokens.) Padding never
+  opens a group, so padding inside the sequence (left-padded text after the image)
+  does not cut the prefix in two.
   """
-  autoregressive = jnp.logical_not(prefix_mask.astype(jnp.bool_)).astype(jnp.int32)
+  real = input_mask.astype(jnp.bool_)
+  autoregressive = (real & jnp.logical_not(prefix_mask.astype(jnp.bool_))).astype(jnp.int32)
   group = jnp.cumsum(autoregressive, axis=1)
   allowed = group[:, None, :] <= group[:, :, None]
   return allowed & input_mask.astype(jnp.bool_)[:, None, :]
@@ -191,6 +204,75 @@ def positions_from_mask(input_mask: jax.Array) -> jax.Array:
   """
   positions = jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1
   return jnp.maximum(positions, 0).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of the tokens decoded so far, in fixed-size buffers (a pytree).
+
+  Attributes:
+    k, v: [depth, B, S, K, hd] in the compute dtype: slot s of layer i (keys after RoPE).
+    key_mask: [B, S] bool, True at slots that hold a real token; padding and the unused
+      slots at and after `end` are False, so nothing ever attends to them.
+    end: int32 scalar, the next slot to write. All rows write at the same slot; rows
+      whose prompt was shorter simply carry masked padding slots in between, and their
+      RoPE positions (given by the caller) skip those slots.
+  """
+  k: jax.Array
+  v: jax.Array
+  key_mask: jax.Array
+  end: jax.Array
+
+  @property
+  def size(self) -> int:
+    """S, the number of slots (static)."""
+    return self.k.shape[2]
+
+
+def init_kv_cache(config: LLMConfig, batch: int, size: int) -> KVCache:
+  """An empty cache of `size` slots per row for `batch` rows (zeros, all slots masked)."""
+  if not (isinstance(size, int) and size > 0):
+    raise InputError(f"KV cache size must be a positive int (prompt + generated tokens); "
+                     f"got {size!r}.")
+  if size > config.max_position_embeddings:
+    raise InputError(f"KV cache size {size} exceeds llm.max_position_embeddings "
+                     f"({config.max_position_embeddings}); decode fewer tokens or use a "
+                     "shorter prompt.")
+  shape = (config.depth, batch, size, config.effective_num_kv_heads, config.effective_head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 key_mask=jnp.zeros((batch, size), jnp.bool_), end=jnp.zeros((), jnp.int32))
+
+
+def _cached_attention_mask(attn_mask: jax.Array, cache: KVCache) -> jax.Array:
+  """[B, T, T] mask among T new tokens -> [B, T, S] mask over the cache slots.
+
+  A new token attends every real cached token (all of them precede it, which is what
+  both the causal and the prefix-LM mask allow) and the new tokens `attn_mask` allows.
+  """
+  batch, length, _ = attn_mask.shape
+  new = jax.lax.dynamic_update_slice(jnp.zeros((batch, length, cache.size), jnp.bool_),
+                                     attn_mask, (0, 0, cache.end))
+  return cache.key_mask[:, None, :] | new
+
+
+def _updated_cache(cache: KVCache, new_k: jax.Array, new_v: jax.Array,
+                   attn_mask: jax.Array) -> KVCache:
+  """Writes T new keys/values [depth, B, T, K, hd] at slot `end` and advances it.
+
+  A new slot stays visible to later tokens iff some new token attends to it: padding
+  keys are attended by none (`causal_mask` and `prefix_lm_mask` exclude them).
+  """
+  length = new_k.shape[2]
+  at = (0, 0, cache.end, 0, 0)
+  real = jnp.any(attn_mask, axis=1)  # [B, T]
+  return KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), at),
+                 v=jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), at),
+                 key_mask=jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.end)),
+                 end=cache.end + length)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -226,11 +308,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with RoPE and grouped key/value heads."""
+  """Multi-head attention with RoPE and grouped key/value heads.
+
+  Returns (output [B, T, D], (k, v) of the T tokens [B, T, K, hd] each). With
+  `layer_cache` = (k, v) [B, S, K, hd] of this layer, the new keys are written at slot
+  `cache_end` and the queries attend over all S slots (`attn_mask` is then [B, T, S]).
+  """
   config: LLMConfig
 
   @nn.compact
-  def __call__(self, x, attn_mask, positions):
+  def __call__(self, x, attn_mask, positions, layer_cache=None, cache_end=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     heads, kv_heads, head_dim = cfg.num_heads, cfg.effective_num_kv_heads, cfg.effective_head_dim
@@ -242,6 +329,12 @@ class Attention(nn.Module):
     v = dense(kv_heads * head_dim, "v_proj")(x).reshape(batch, length, kv_heads, head_dim)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
+    new_kv = (k, v)
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype),
+                                       (0, cache_end, 0, 0))
+      v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype),
+                                       (0, cache_end, 0, 0))
     # Query head h reads kv head h // group (HF's repeat_kv order), so split H = K * G.
     group = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, group, head_dim) * jnp.asarray(head_dim ** -0.5, dtype)
@@ -249,7 +342,7 @@ class Attention(nn.Module):
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     encoded = jnp.einsum("bkgqs,bskh->bqkgh", probs, v).reshape(batch, length, heads * head_dim)
-    return dense(x.shape[-1], "o_proj")(encoded)
+    return dense(x.shape[-1], "o_proj")(encoded), new_kv
 
 
 class MLP(nn.Module):
@@ -275,7 +368,9 @@ class Block(nn.Module):
 
   `captured` is None unless a scanned model captures a layer: then it is a [B, count, D]
   buffer overwritten (by a select on the traced counter) when `blocks_done` reaches
-  `capture_layer`. Returns (new carry, x if `emit_hidden` else None).
+  `capture_layer`. `layer_cache` is None or this layer's cached (k, v) (see Attention).
+  Returns (new carry, (x if `emit_hidden` else None, the new tokens' (k, v) if
+  `layer_cache` is given else None)).
   """
   config: LLMConfig
   capture_layer: Optional[int] = None
@@ -283,11 +378,13 @@ class Block(nn.Module):
   emit_hidden: bool = False
 
   @nn.compact
-  def __call__(self, carry, attn_mask, positions):
+  def __call__(self, carry, attn_mask, positions, layer_cache=None, cache_end=None):
     cfg = self.config
     x, captured, blocks_done = carry
     h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_attention_norm")(x)
-    x = x + Attention(cfg, name="attn")(h, attn_mask, positions)
+    attended, new_kv = Attention(cfg, name="attn")(h, attn_mask, positions, layer_cache,
+                                                   cache_end)
+    x = x + attended
     h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_ffw_norm")(x)
     x = x + MLP(cfg, name="mlp")(h)
     blocks_done = blocks_done + 1
@@ -295,7 +392,8 @@ class Block(nn.Module):
       window = jax.lax.slice_in_dim(x, self.capture_start,
                                     self.capture_start + captured.shape[1], axis=1)
       captured = jnp.where(blocks_done == self.capture_layer, window, captured)
-    return (x, captured, blocks_done), (x if self.emit_hidden else None)
+    return (x, captured, blocks_done), (x if self.emit_hidden else None,
+                                        new_kv if layer_cache is not None else None)
 
 
 class Embedder(nn.Module):
@@ -339,12 +437,33 @@ class LLM(nn.Module):
       x = x * jnp.asarray(math.sqrt(self.config.width), dtype)  # HF rounds the scale to dtype too.
     return x
 
-  def _check_inputs(self, embeddings, attn_mask, positions, capture_layer, capture_slice):
+  def _check_inputs(self, embeddings, attn_mask, positions, capture_layer, capture_slice,
+                    kv_cache, logits_at):
     cfg = self.config
     if embeddings.ndim != 3 or embeddings.shape[-1] != cfg.width:
       raise InputError(f"embeddings must be [batch, length, {cfg.width}] (llm.width); got "
                        f"shape {tuple(embeddings.shape)}. Embed token ids with LLM.embed.")
     batch, length, _ = embeddings.shape
+    if kv_cache is not None:
+      expected = (cfg.depth, batch, kv_cache.size, cfg.effective_num_kv_heads,
+                  cfg.effective_head_dim)
+      if tuple(kv_cache.k.shape) != expected or tuple(kv_cache.key_mask.shape) != (
+          batch, kv_cache.size):
+        raise InputError(f"kv_cache holds keys {tuple(kv_cache.k.shape)} and key_mask "
+                         f"{tuple(kv_cache.key_mask.shape)}; this call needs keys {expected} "
+                         "(depth, batch, slots, kv_heads, head_dim). Build it with "
+                         "init_kv_cache(config, batch, size).")
+      if length > kv_cache.size:
+        raise InputError(f"{length} new tokens do not fit a KV cache of {kv_cache.size} "
+                         "slots; allocate a larger cache.")
+      if positions is None:
+        raise InputError("decoding with kv_cache needs explicit positions [B, T] (the RoPE "
+                         "position of each new token, e.g. positions_from_mask of the prompt "
+                         "and one more per generated token).")
+    if logits_at is not None and (logits_at.ndim != 2 or logits_at.shape[0] != batch
+                                  or not jnp.issubdtype(logits_at.dtype, jnp.integer)):
+      raise InputError(f"logits_at must be int [{batch}, K] sequence indices; got "
+                       f"{logits_at.dtype} {tuple(logits_at.shape)}.")
     if length > cfg.max_position_embeddings:
       raise InputError(f"sequence length {length} exceeds llm.max_position_embeddings "
                        f"({cfg.max_position_embeddings}); shorten the input or raise the limit.")
@@ -382,7 +501,8 @@ class LLM(nn.Module):
   def __call__(self, embeddings: jax.Array, *, attn_mask: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None, capture_layer: Optional[int] = None,
                capture_slice: Optional[Tuple[int, int]] = None,
-               return_all_hidden: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+               return_all_hidden: bool = False, kv_cache: Optional[KVCache] = None,
+               logits_at: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, Any]]:
     """Runs the decoder on embeddings.
 
     Args:
@@ -394,20 +514,32 @@ class LLM(nn.Module):
         (0 = input embeddings, depth = last block's output before the final norm).
       capture_slice: static (start, count) positions to capture; None = (0, T).
       return_all_hidden: also return all depth + 1 residual streams (analysis only).
+      kv_cache: decode incrementally: the T tokens are appended to this cache (written at
+        slots [end, end + T); the caller keeps end + T <= size), attend to every real
+        token already in it and, by `attn_mask`, to each other. `positions` is then
+        required. A new slot stays visible to later calls iff some new token attends to
+        it (padding does not, with `causal_mask` / `prefix_lm_mask`).
+      logits_at: [B, K] int sequence indices: compute logits only there (a prefill needs
+        one row per sequence, not T x vocab).
     Returns:
-      logits [B, T, V] float32, and out with "final_hidden" [B, T, D] (final-normed),
-      "captured" [B, count, D] if capture_layer is set, "hidden" [depth + 1, B, T, D] if
-      return_all_hidden (entry depth is before the final norm).
+      logits [B, T, V] float32 ([B, K, V] with logits_at), and out with "final_hidden"
+      [B, T, D] (final-normed), "captured" [B, count, D] if capture_layer is set,
+      "hidden" [depth + 1, B, T, D] if return_all_hidden (entry depth is before the final
+      norm), "kv_cache" (the updated KVCache) if kv_cache was given.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     capture_layer, capture_slice = self._check_inputs(
-        embeddings, attn_mask, positions, capture_layer, capture_slice)
+        embeddings, attn_mask, positions, capture_layer, capture_slice, kv_cache, logits_at)
     batch, length, _ = embeddings.shape
     if attn_mask is None:
       attn_mask = causal_mask(jnp.ones((batch, length), jnp.bool_))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    layer_mask, cache_end, layer_caches = attn_mask, None, None
+    if kv_cache is not None:
+      layer_mask = _cached_attention_mask(attn_mask, kv_cache)
+      cache_end, layer_caches = kv_cache.end, (kv_cache.k, kv_cache.v)
 
     x = embeddings.astype(dtype)
     x_in = x
@@ -420,35 +552,47 @@ class LLM(nn.Module):
                        prevent_cse=not cfg.scan)
     blocks_done = jnp.zeros((), jnp.int32)
     if cfg.scan:
+      # The cache's leading depth axis is scanned alongside the stacked layer params.
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.depth)(
+                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                       length=cfg.depth)(
                            cfg, capture_layer=capture_layer, capture_start=start,
                            emit_hidden=return_all_hidden, name="layers")
-      (x, captured, _), stacked = layers((x, captured, blocks_done), attn_mask, positions)
+      (x, captured, _), (stacked, new_kv) = layers(
+          (x, captured, blocks_done), layer_mask, positions, layer_caches, cache_end)
       if return_all_hidden:
         all_hidden = jnp.concatenate([x_in[None], stacked], axis=0)
     else:
-      hidden = [x_in]
+      hidden, new_kvs = [x_in], []
       for i in range(cfg.depth):
-        (x, _, _), _ = block(cfg, name=f"layers_{i}")((x, None, blocks_done),
-                                                       attn_mask, positions)
+        layer_cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+        (x, _, _), (_, layer_kv) = block(cfg, name=f"layers_{i}")(
+            (x, None, blocks_done), layer_mask, positions, layer_cache, cache_end)
+        new_kvs.append(layer_kv)
         if capture_layer == i + 1:
           captured = x[:, start:start + count]
         if return_all_hidden:
           hidden.append(x)
       if return_all_hidden:
         all_hidden = jnp.stack(hidden, axis=0)
+      new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
 
     if self.is_initializing():
       # Untied models never read the table in __call__; `init` must still create it.
       self.embedder.encode(jnp.zeros((1, 1), jnp.int32))
     final_hidden = RMSNorm(cfg.family, cfg.norm_eps, name="final_norm")(x)
+    read_out = final_hidden
+    if logits_at is not None:
+      read_out = jnp.take_along_axis(final_hidden, logits_at[:, :, None].astype(jnp.int32),
+                                     axis=1)
     if cfg.effective_tie_embeddings:
-      logits = self.embedder.decode(final_hidden)
+      logits = self.embedder.decode(read_out)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                        name="lm_head")(final_hidden)
+                        name="lm_head")(read_out)
     out = {"final_hidden": final_hidden}
+    if kv_cache is not None:
+      out["kv_cache"] = _updated_cache(kv_cache, *new_kv, attn_mask)
     if capture_layer is not None:
       out["captured"] = captured
     if return_all_hidden:

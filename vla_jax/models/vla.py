@@ -206,24 +206,16 @@ class VLA(nn.Module):
       features = siglip_out["encoded"]
     return self.projector(features)
 
-  def __call__(self, images, tokens, input_mask=None, *, prefix_mask=None,
-               align_layer: Optional[int] = None,
-               return_all_hidden: bool = False) -> Dict[str, Any]:
-    """Forward pass over images and text.
+  def embed_inputs(self, images, tokens, input_mask=None, prefix_mask=None
+                   ) -> Dict[str, Any]:
+    """The LLM's input sequence: visual and text embeddings in the layout's order.
 
-    Args:
-      images: [B, H, W, 3] in [0, 1] (or uint8).
-      tokens: [B, T] int32 text tokens, starting with BOS (no image placeholders).
-      input_mask: [B, T] bool, True at real (non-padding) tokens; None = all real.
-      prefix_mask: [B, T] bool, PaliGemma only: True at prefix tokens (bidirectional);
-        None = the whole text is prefix.
-      align_layer: capture the LLM residual stream after this many blocks (HF
-        `hidden_states[k]` convention) at the visual positions; None = no capture.
-      return_all_hidden: also return every layer's hidden states (analysis only).
+    Args: as `__call__`.
     Returns:
-      dict with "logits" [B, S, V] (S = T + N), "align_hidden" [B, N, D] (if
-      align_layer is set), "visual_positions" [N] int32, "input_mask" [B, S] and
-      "final_hidden" [B, S, D] (and "hidden" if requested).
+      dict with "embeddings" [B, S, D] (S = T + N), "input_mask" [B, S] bool,
+      "attn_mask" [B, S, S] bool (causal, or prefix-LM for PaliGemma) and "positions"
+      [B, S] int32 RoPE positions. `__call__` runs the LLM on exactly these; decoding
+      (`vla_jax.models.decode`) prefills its KV cache with them.
     """
     cfg = self.config
     if tokens.ndim != 2:
@@ -254,13 +246,39 @@ class VLA(nn.Module):
       attn_mask = llm_lib.prefix_lm_mask(mask, prefix)
       # PaliGemma counts positions from 1 (HF and big_vision agree).
       positions = llm_lib.positions_from_mask(mask) + 1
+    return {"embeddings": embeddings, "input_mask": mask, "attn_mask": attn_mask,
+            "positions": positions}
+
+  def __call__(self, images, tokens, input_mask=None, *, prefix_mask=None,
+               align_layer: Optional[int] = None,
+               return_all_hidden: bool = False) -> Dict[str, Any]:
+    """Forward pass over images and text.
+
+    Args:
+      images: [B, H, W, 3] in [0, 1] (or uint8).
+      tokens: [B, T] int32 text tokens, starting with BOS (no image placeholders).
+      input_mask: [B, T] bool, True at real (non-padding) tokens; None = all real.
+      prefix_mask: [B, T] bool, PaliGemma only: True at prefix tokens (bidirectional);
+        None = the whole text is prefix.
+      align_layer: capture the LLM residual stream after this many blocks (HF
+        `hidden_states[k]` convention) at the visual positions; None = no capture.
+      return_all_hidden: also return every layer's hidden states (analysis only).
+    Returns:
+      dict with "logits" [B, S, V] (S = T + N), "align_hidden" [B, N, D] (if
+      align_layer is set), "visual_positions" [N] int32, "input_mask" [B, S] and
+      "final_hidden" [B, S, D] (and "hidden" if requested).
+    """
+    cfg = self.config
+    n = cfg.num_visual_tokens
+    inputs = self.embed_inputs(images, tokens, input_mask, prefix_mask)
     logits, llm_out = self.llm(
-        embeddings, attn_mask=attn_mask, positions=positions, capture_layer=align_layer,
-        capture_slice=(cfg.visual_start, n), return_all_hidden=return_all_hidden)
+        inputs["embeddings"], attn_mask=inputs["attn_mask"], positions=inputs["positions"],
+        capture_layer=align_layer, capture_slice=(cfg.visual_start, n),
+        return_all_hidden=return_all_hidden)
     result = {
         "logits": logits,
         "visual_positions": jnp.arange(cfg.visual_start, cfg.visual_start + n, dtype=jnp.int32),
-        "input_mask": mask,
+        "input_mask": inputs["input_mask"],
         "final_hidden": llm_out["final_hidden"],
     }
     if align_layer is not None:
