@@ -3,32 +3,28 @@
   python benchmarks/eval_speed.py --workdir workdir [--batches 4 16] [--repeats 3]
       [--max_steps 80] [--split carrot]
 
-For each batch size B it evaluates B full-length episodes (every episode runs `--max_steps`
-steps: the policy acts 7 greedy forward passes per step, no KV cache) after one warm-up
-run that compiles everything, and prints the median over `--repeats` of episodes / s and
-policy steps / s, plus the ratio to the first batch size. The scripted expert through the
-same path is the simulator-only reference (no model).
+Three policies run through the same rollout: the checkpoint decoding its 7 action tokens
+with the KV cache (`greedy_decode`: one prefill and 6 incremental steps per env step), the
+same checkpoint decoding by full recomputation (`use_cache=False`: 7 whole forward passes,
+the decoder before the cache), and the scripted expert (the simulator alone, no model).
+For each batch size B every policy evaluates B full-length episodes (`--max_steps` steps
+each; the gripper is never released, so no episode ends early) after one warm-up run that
+compiles everything. The repeats interleave the policies, so a busy machine slows all
+of them alike; the script prints the median over `--repeats` of episodes/s and policy
+steps/s and the ratio of the cached to the full-recompute policy at each B. A last table
+times the decoder alone (`greedy_action_tokens` on one batch of B preprocessed frames,
+median of 20 interleaved calls), which is what the cache changes.
 """
 
 import argparse
 import statistics
 import time
 
+import jax
 import numpy as np
 
 from vla_jax.eval import policy as policy_lib
 from vla_jax.sim import rollout
-
-
-def episodes_per_second(policy, split: str, batch: int, max_steps: int, repeats: int) -> float:
-  rollout.rollout(policy, split, range(batch), max_steps=max_steps, progress=False)  # compile
-  rates = []
-  for repeat in range(repeats):
-    seeds = range(1000 * (repeat + 1), 1000 * (repeat + 1) + batch)
-    start = time.perf_counter()
-    rollout.rollout(policy, split, seeds, max_steps=max_steps, progress=False)
-    rates.append(batch / (time.perf_counter() - start))
-  return statistics.median(rates)
 
 
 class _NeverDone:
@@ -44,6 +40,38 @@ class _NeverDone:
     return actions
 
 
+def episodes_per_second(policies, split: str, batch: int, max_steps: int, repeats: int):
+  """{name: median episodes/s} of each policy at one batch size, repeats interleaved."""
+  for policy in policies.values():  # compile
+    rollout.rollout(policy, split, range(batch), max_steps=max_steps, progress=False)
+  rates = {name: [] for name in policies}
+  for repeat in range(repeats):
+    seeds = range(1000 * (repeat + 1), 1000 * (repeat + 1) + batch)
+    for name, policy in policies.items():
+      start = time.perf_counter()
+      rollout.rollout(policy, split, seeds, max_steps=max_steps, progress=False)
+      rates[name].append(batch / (time.perf_counter() - start))
+  return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def decode_milliseconds(policy, batch: int, calls: int = 20):
+  """{use_cache: median ms} of one `greedy_action_tokens` call on B frames."""
+  frames = policy.preprocess(np.zeros((batch, 64, 64, 3), np.uint8))
+  tokens, lengths = policy.prompt_batch(["put the carrot on the plate"] * batch)
+  decode = lambda use_cache: jax.block_until_ready(policy_lib.greedy_action_tokens(
+      policy.model, policy.params, frames, tokens, lengths, policy.action_dim,
+      use_cache=use_cache))
+  times = {True: [], False: []}
+  for use_cache in times:  # compile
+    decode(use_cache)
+  for _ in range(calls):
+    for use_cache in times:
+      start = time.perf_counter()
+      decode(use_cache)
+      times[use_cache].append(1000 * (time.perf_counter() - start))
+  return {use_cache: statistics.median(values) for use_cache, values in times.items()}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="workdir",
@@ -53,17 +81,25 @@ def main():
   parser.add_argument("--max_steps", type=int, default=80)
   parser.add_argument("--split", default="carrot")
   args = parser.parse_args()
-  policies = {"tiny VLA": policy_lib.load_policy(args.workdir),
-              "scripted expert": rollout.scripted_policy()}
-  print(f"split={args.split} max_steps={args.max_steps} repeats={args.repeats}")
-  for name, policy in policies.items():
-    base = None
-    for batch in args.batches:
-      rate = episodes_per_second(_NeverDone(policy), args.split, batch, args.max_steps,
-                                 args.repeats)
-      base = base or rate
+  policies = {
+      "VLA, KV cache": _NeverDone(policy_lib.load_policy(args.workdir)),
+      "VLA, recompute": _NeverDone(policy_lib.load_policy(args.workdir, use_cache=False)),
+      "scripted expert": _NeverDone(rollout.scripted_policy()),
+  }
+  print(f"split={args.split} max_steps={args.max_steps} repeats={args.repeats} "
+        f"(medians; policies interleaved within each repeat)")
+  for batch in args.batches:
+    rates = episodes_per_second(policies, args.split, batch, args.max_steps, args.repeats)
+    for name, rate in rates.items():
       print(f"{name:16s} B={batch:4d}  {rate:8.3f} episodes/s  "
-            f"{rate * args.max_steps:9.1f} steps/s  x{rate / base:.2f} vs B={args.batches[0]}")
+            f"{rate * args.max_steps:9.1f} steps/s")
+    print(f"{'':16s} B={batch:4d}  KV cache / recompute: "
+          f"x{rates['VLA, KV cache'] / rates['VLA, recompute']:.2f}")
+  print("decoding 7 action tokens alone (greedy_action_tokens, median of 20 calls):")
+  for batch in args.batches:
+    ms = decode_milliseconds(policies["VLA, KV cache"].policy, batch)
+    print(f"B={batch:4d}  KV cache {ms[True]:8.2f} ms  recompute {ms[False]:8.2f} ms  "
+          f"recompute / KV cache: x{ms[False] / ms[True]:.2f}")
 
 
 if __name__ == "__main__":
