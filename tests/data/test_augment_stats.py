@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -101,3 +102,30 @@ def test_normalisation_round_trip(mode):
   else:
     np.testing.assert_allclose(back, values, atol=1e-5)
     np.testing.assert_allclose(normed[:, :6].mean(0), 0, atol=1e-5)
+
+
+def _scale_actions_in_place(path, factor):
+  """Rewrites one TFRecord shard with every action times `factor` (metadata untouched)."""
+  examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+  with tf.io.TFRecordWriter(path) as writer:
+    for example in examples:
+      action = example.features.feature["steps/action"].float_list.value
+      action[:] = [factor * a for a in action]
+      writer.write(example.SerializeToString())
+
+
+def test_statistics_cache_sees_data_rewritten_in_place(tabletop_dir, stats_dir, tmp_path):
+  data_dir = shutil.copytree(tabletop_dir, str(tmp_path / "data"))  # the fixture is shared
+  config = _config(data_dir, "tabletop", stats_dir)
+  first = open_source(config, config.sources[0]).statistics
+  metadata = {n: open(os.path.join(data_dir, n), "rb").read()
+              for n in ("dataset_info.json", "features.json")}
+  shards = stats_lib.data_files(data_dir, "train[:95%]")
+  assert shards and all("-train." in s for s in shards)
+  for shard in shards:
+    _scale_actions_in_place(shard, 100.0)
+  assert metadata == {n: open(os.path.join(data_dir, n), "rb").read() for n in metadata}
+  second = open_source(config, config.sources[0]).statistics
+  assert first.source == "computed" and second.source == "computed"
+  mask = first.action.mask
+  np.testing.assert_allclose(second.action.q99[mask], 100 * first.action.q99[mask], rtol=1e-4)

@@ -4,8 +4,11 @@
 decoded), concatenates actions [N, A] and states [N, S] and computes mean, std, min,
 max, q01, q99 and counts with numpy in one go. The result is cached in
 `cache_dir/<name>-<hash>.json`, where the hash covers the dataset's
-`dataset_info.json` / `features.json` (shard sizes included), the split and the
-DatasetSpec plus every transform that changes actions; the training system copies the
+`dataset_info.json` / `features.json` (shard sizes included), the split's data files
+(size, modification time and a hash of their first and last `SAMPLE_BYTES`, so a dataset
+rewritten in place with the same metadata is recomputed), the split and the
+DatasetSpec plus every transform that changes actions; the log says whether statistics
+were computed or read from the cache; the training system copies the
 same JSON next to the run and into checkpoint assets. Bad trajectories are counted here:
 empty ones are always skipped (count reported), NaN/inf ones are an error unless the
 caller opts into skipping them.
@@ -26,6 +29,7 @@ from vla_jax.data import traj_transforms as tt
 from vla_jax.errors import InputError
 
 _FORMAT_VERSION = 1
+SAMPLE_BYTES = 1 << 16  # hashed from each end of every data file of the split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +65,34 @@ class DatasetStatistics:
                source=source)
 
 
+def data_files(dataset_dir: str, split: str) -> list:
+  """The shards of `split` (slices such as "train[:95%]" read the whole "train" split)."""
+  base = str(split).split("[")[0]
+  return sorted(tf.io.gfile.glob(os.path.join(dataset_dir, f"*-{base}.*")))
+
+
+def _update_with_file(digest, path: str) -> None:
+  # Size and mtime catch almost every rewrite; the sampled bytes catch a rewrite that
+  # kept both (a copy preserving mtimes) without reading whole multi-GB shards.
+  info = tf.io.gfile.stat(path)
+  digest.update(f"{os.path.basename(path)}:{info.length}:{info.mtime_nsec}".encode())
+  with tf.io.gfile.GFile(path, "rb") as f:
+    digest.update(f.read(SAMPLE_BYTES))
+    if info.length > SAMPLE_BYTES:
+      f.seek(max(info.length - SAMPLE_BYTES, SAMPLE_BYTES))
+      digest.update(f.read(SAMPLE_BYTES))
+
+
 def fingerprint(dataset_dir: str, split: str, config: Mapping[str, Any]) -> str:
-  """sha256 over the dataset's metadata files, the split and the transform config."""
+  """sha256 over the metadata files, the split's data files, the split and the config."""
   digest = hashlib.sha256()
   for name in ("dataset_info.json", "features.json"):
     path = os.path.join(dataset_dir, name)
     if tf.io.gfile.exists(path):
       with tf.io.gfile.GFile(path, "rb") as f:
         digest.update(f.read())
+  for path in data_files(dataset_dir, split):
+    _update_with_file(digest, path)
   digest.update(str(split).encode())
   digest.update(json.dumps(config, sort_keys=True, default=str).encode())
   return digest.hexdigest()
@@ -137,9 +161,11 @@ def load_or_compute(cache_dir: str, name: str, key: str, compute) -> DatasetStat
     with tf.io.gfile.GFile(path) as f:
       data = json.load(f)
     if data.get("fingerprint") == key and data.get("format_version") == _FORMAT_VERSION:
-      logging.info("Statistics of %r from cache %s", name, path)
+      logging.info("Statistics of %r read from cache %s (key covers the data files).", name,
+                   path)
       return DatasetStatistics.from_dict(data, source="cache")
-  logging.info("Computing statistics of %r (one pass, images not decoded)...", name)
+  logging.info("Statistics of %r computed (no cache entry for this data and config; one "
+               "pass, images not decoded); caching them in %s", name, path)
   stats = compute()
   tf.io.gfile.makedirs(cache_dir)
   tmp = path + ".tmp"
