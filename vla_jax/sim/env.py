@@ -3,11 +3,14 @@
 World: the table plane is [-0.22, 0.22]^2 metres (x right, y away from the camera, z up).
 The end effector has a position xyz, a yaw and a gripper opening. Grasp: the gripper
 closes (opening falls below 0.5) while the effector is within GRASP_RADIUS of an object
-horizontally, below GRASP_HEIGHT and with its yaw aligned to the object's within
-GRASP_YAW_TOL, modulo the object's grasp period (`grasp_period`: a two-finger gripper
-grasps a round object at any yaw, a square one every pi/2, an elongated one every pi), so
-that what the grasp needs is what the camera can show; the grasped object then follows
-the effector. Opening the gripper
+horizontally and below GRASP_HEIGHT; the grasped object then follows the effector.
+Whether the gripper's yaw must match the object's is GRASP_NEEDS_YAW, off: at 64 px an
+object is about 5 px wide and neither its yaw nor the fingers' is visible, so a grasp
+that needs them asks the policy for something its camera cannot show (a policy that came
+within the grasp radius in 11 of 16 episodes never turned and never grasped). With it on,
+the yaw must match within GRASP_YAW_TOL modulo the object's grasp period
+(`grasp_period`: a round object at any yaw, a square one every pi/2, an elongated one
+every pi) and the expert turns by the smallest equivalent rotation. Opening the gripper
 drops it on the table. Success: the target object (row 0) rests inside the target
 receptacle, released, with the gripper open. An episode ends on success or after
 `max_steps` steps; stepping a finished state leaves it unchanged.
@@ -41,6 +44,7 @@ WORKSPACE_HIGH = np.array([0.21, 0.21, 0.2], np.float32)
 EE_START = np.array([0.0, -0.19, 0.1], np.float32)
 GRASP_RADIUS = 0.012
 GRASP_HEIGHT = 0.03
+GRASP_NEEDS_YAW = False  # module docstring
 GRASP_YAW_TOL = 0.3
 HELD_DROP = 0.012  # a held object hangs this far below the effector
 SUCCESS_MARGIN = 0.008  # the object centre must be this deep inside the receptacle
@@ -102,6 +106,11 @@ def yaw_error(target_yaw, yaw, period):
   bias = 1e-3
   safe = jnp.where(period > 0, period, 1.0)
   return jnp.where(period > 0, wrap_angle(target_yaw - yaw + bias, safe) - bias, 0.0)
+
+
+def yaw_aligned(obj_yaw, ee_yaw, obj_id):
+  """Whether a gripper at `ee_yaw` is turned to grasp the object (GRASP_NEEDS_YAW)."""
+  return jnp.abs(yaw_error(obj_yaw, ee_yaw, grasp_periods(obj_id))) < GRASP_YAW_TOL
 
 
 # Catalogue tables as constants.
@@ -331,9 +340,9 @@ def _advance(state: EnvState, action) -> Tuple[EnvState, jax.Array]:
   opening = (state.gripper < 0.5) & (gripper >= 0.5)
 
   reach = jnp.linalg.norm(state.obj_xy - ee[:2], axis=-1)
-  period = grasp_periods(state.obj_id)
-  aligned = jnp.abs(yaw_error(state.obj_yaw, ee_yaw, period)) < GRASP_YAW_TOL
-  graspable = (reach < GRASP_RADIUS) & (ee[2] < GRASP_HEIGHT) & aligned
+  graspable = (reach < GRASP_RADIUS) & (ee[2] < GRASP_HEIGHT)
+  if GRASP_NEEDS_YAW:
+    graspable &= yaw_aligned(state.obj_yaw, ee_yaw, state.obj_id)
   nearest = jnp.argmin(jnp.where(graspable, reach, jnp.inf)).astype(jnp.int32)
   held = jnp.where(closing & graspable.any() & (state.held < 0), nearest, state.held)
   held = jnp.where(opening, -1, held)
@@ -442,15 +451,19 @@ def check_action(action, batch: int | None = None) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- text ----
-def _names(spec: cat.SplitSpec, obj_id: int, rec_id: int) -> Tuple[str, str]:
-  obj = cat.OBJECTS[obj_id].name
+def receptacle_name(spec: cat.SplitSpec, rec_id: int) -> str:
+  """The target's name: a receptacle's, or the VL-Think phrase for a board item id."""
   if spec.vlthink:
     family = cat.VLTHINK[spec.vlthink]
     item = family.items[rec_id]
     if spec.vlthink == "parity":
       item = "odd" if int(item) % 2 else "even"
-    return obj, family.phrase.format(item=item)
-  return obj, cat.RECEPTACLES[rec_id].name
+    return family.phrase.format(item=item)
+  return cat.RECEPTACLES[rec_id].name
+
+
+def _names(spec: cat.SplitSpec, obj_id: int, rec_id: int) -> Tuple[str, str]:
+  return cat.OBJECTS[obj_id].name, receptacle_name(spec, rec_id)
 
 
 def instruction(split, state: Any) -> str:

@@ -3,8 +3,9 @@
 It reads privileged state (object and receptacle positions), so it bounds what a policy
 can reach and produces the demonstrations. The phase follows from the state alone, so the
 expert recovers from a missed grasp or a moved object (pos_change_to):
-  approach: fly at HOVER_Z over the target object, turning the gripper by the smallest
-            rotation that aligns it with the object (modulo `env.grasp_period`);
+  approach: fly at HOVER_Z over the target object (if `env.GRASP_NEEDS_YAW`, turning the
+            gripper by the smallest rotation that aligns it with the object, modulo
+            `env.grasp_period`; by default any yaw grasps and the expert never turns);
   descend:  go down to GRASP_Z once above it and aligned;
   grasp:    close the gripper;
   lift:     rise to CARRY_Z holding the object;
@@ -45,6 +46,8 @@ def _plan(state: env.EnvState):
 
   # Not holding: approach / descend / grasp.
   yaw_error = env.yaw_error(state.obj_yaw[0], yaw, env.grasp_periods(state.obj_id[0]))
+  if not env.GRASP_NEEDS_YAW:
+    yaw_error = jnp.zeros_like(yaw_error)  # any yaw grasps: never turn
   xy_error = jnp.linalg.norm(obj_xy - ee[:2])
   above = (xy_error < XY_TOL) & (jnp.abs(yaw_error) < YAW_TOL)
   too_low = (ee[2] < HOVER_Z - 0.02) & (xy_error > 4 * XY_TOL)
