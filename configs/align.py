@@ -56,11 +56,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Local checkpoints to start from ("" = random init). Formats: "hf" (a save_pretrained
   # directory or .safetensors), "big_vision" (.npz, `file.npz:subtree` allowed), "orbax"
   # (the output of --mode=convert). `student_vision` lays pretrained towers + projector over
-  # the student. "bundled" (CPU presets): our stand-in for web pretraining, vision
-  # pretrained on tabletop renders of every split (vla_jax/train/pretrain.py), built on
-  # first use and cached; a student trained from random towers ignores its camera.
-  config.weights = dict(student="", student_format="hf",
-                        student_vision="bundled" if tiny else "",
+  # the student. "bundled" (CPU presets): our stand-in for web pretraining, on tabletop
+  # renders of every split, built on first use and cached: `student` a VLM (towers
+  # pretrained to locate things, vla_jax/train/pretrain.py, then the whole student trained
+  # to answer spatial questions, vla_jax/train/vlm_pretrain.py; it speaks the bundled
+  # tokenizer), `teacher` a tower pretrained to locate things. A student whose LLM starts
+  # from random weights ignores its camera.
+  config.weights = dict(student="bundled" if tiny else "", student_format="hf",
+                        student_vision="",
                         teacher="bundled" if tiny else "", teacher_format="big_vision")
   # Tokenizer: a SentencePiece .model, a HF tokenizer directory, or "bundled" (a small
   # Llama-style model trained on the bundled dataset's prompts, built on first use).

@@ -19,8 +19,8 @@ from vla_jax.weights.npz import flatten
 
 def _config(preset="tiny"):
   config = load_config(REPO / "configs" / "align.py", preset)
-  # Random towers: the bundled vision pretraining is tested in tests/train/test_pretrain.py.
-  config.weights.student_vision, config.weights.teacher = "", ""
+  # Random weights: the bundled pretraining is tested in tests/train/test_*pretrain.py.
+  config.weights.student, config.weights.teacher = "", ""
   return config
 
 
@@ -66,7 +66,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "vla_jax.main", f"--workdir={tmp_path}", "--mode=convert",
        "--config=configs/align.py", f"--config.weights.student={tmp_path}/missing",
-       "--config.weights.student_vision=", "--config.weights.teacher="],
+       "--config.weights.teacher="],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "error: No checkpoint at" in result.stderr

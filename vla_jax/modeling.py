@@ -69,10 +69,12 @@ def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, A
   """`weights` with "bundled" entries replaced by the cached pretrained checkpoints.
 
   `weights.student_vision` / `weights.teacher` = "bundled" name the CPU-sized vision
-  pretraining of `vla_jax.train.pretrain` (built on first use, cached).
+  pretraining of `vla_jax.train.pretrain`, `weights.student` = "bundled" the whole
+  question-answering student of `vla_jax.train.vlm_pretrain` (format "bundled"; it
+  speaks the bundled tokenizer). All are built on first use and cached.
   """
   weights = dict(weights.to_dict() if hasattr(weights, "to_dict") else weights)
-  wanted = [k for k in ("student_vision", "teacher") if weights.get(k) == BUNDLED]
+  wanted = [k for k in ("student_vision", "teacher", "student") if weights.get(k) == BUNDLED]
   if not wanted:
     return weights
   if "teacher" in wanted and weights.get("teacher_format", "big_vision") != "big_vision":
@@ -86,6 +88,8 @@ def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, A
                         f"experiment's teacher is {experiment.teacher.kind!r}. Point "
                         f"weights.{key} at a checkpoint or set it to ''.")
     weights[key] = built[key]
+  if "student" in wanted:
+    weights["student_format"] = BUNDLED
   return weights
 
 
@@ -110,6 +114,9 @@ def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experim
     logging.info("Loading %s weights (%s) from %s", part, fmt, weights[part])
     if fmt == "orbax":
       params[part], _ = convert_lib.load_converted(weights[part], config, abstract[part])
+    elif part == "student" and fmt == BUNDLED:
+      from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+      params[part] = pretrain.load_student(weights[part], experiment)
     else:
       params[part] = load(weights[part], config, fmt)
   if weights.get("student_vision"):

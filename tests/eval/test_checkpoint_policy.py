@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # trains a model
 def _config(data_dir, tokenizer):
   config = load_config(REPO / "configs" / "align.py", "tiny")
   config.tokenizer = tokenizer
-  config.weights.student_vision, config.weights.teacher = "", ""  # random towers: fast
+  config.weights.student, config.weights.teacher = "", ""  # random student and teacher: fast
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
   config.data.max_length = 96  # the small test tokenizer needs more ids per prompt

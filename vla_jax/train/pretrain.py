@@ -46,9 +46,10 @@ import tqdm
 
 from vla_jax.errors import CheckpointError
 from vla_jax.experiment import Experiment
+from vla_jax.text import Tokenizer
 from vla_jax.weights import npz
 
-VERSION = 1  # bump when the data, labels or objective change
+VERSION = 2  # bump when the data, labels or objective change
 STUDENT_VISION = ("siglip", "dino", "projector")
 NUM_KEYPOINTS = 4  # target object, target receptacle, end effector, its ground point
 # Effector height, gripper opening, holding, yaw error, the keypoints (u, v), object and
@@ -87,9 +88,12 @@ def render_keypoint_data(config: PretrainConfig, image_size: int
   Returns:
     {"images": uint8 [N, S, S, 3], "keypoints": float32 [N, 4, 2] image coordinates
      (u, v) in [0, 1] of the object, receptacle, effector and its ground point, "global": float32
-     [N, NUM_GLOBAL] (module docstring), each target scaled to roughly unit range}.
+     [N, NUM_GLOBAL] (module docstring), each target scaled to roughly unit range}, and the
+    scene in world units for question answering (`vla_jax.train.vlm_pretrain`):
+    "object_xy", "receptacle_xy" [N, 2] (m), "effector" [N, 3] (m), "gripper" (opening),
+    "holding" (0/1), "yaw_error" (rad) [N], "object_name", "receptacle_name" str [N].
   """
-  from vla_jax.sim import env, rollout  # pylint: disable=g-import-not-at-top
+  from vla_jax.sim import catalogue, env, rollout  # pylint: disable=g-import-not-at-top
   from vla_jax.sim import render as render_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(config.seed)
   parts = []
@@ -121,9 +125,22 @@ def render_keypoint_data(config: PretrainConfig, image_size: int
                    (states.held == 0).astype(jnp.float32), yaw_error / 0.8], -1),
         4.0 * (keypoints.reshape(-1, 2 * NUM_KEYPOINTS) - 0.5),
         offsets.reshape(-1, 4) / 0.1], -1)
+    spec = catalogue.get_split(split)
+    object_ids = np.asarray(states.obj_id[:, 0])
+    receptacle_ids = np.asarray(jnp.take_along_axis(states.rec_id, states.target_rec[:, None],
+                                                    axis=1)[:, 0])
     parts.append({"images": np.asarray(rollout.render_batch(states, image_size)),
                   "keypoints": np.asarray(keypoints, np.float32),
-                  "global": np.asarray(glob, np.float32)})
+                  "global": np.asarray(glob, np.float32),
+                  "object_xy": np.asarray(states.obj_xy[:, 0], np.float32),
+                  "receptacle_xy": np.asarray(receptacle, np.float32),
+                  "effector": np.asarray(states.ee, np.float32),
+                  "gripper": np.asarray(states.gripper, np.float32),
+                  "holding": np.asarray(states.held == 0, np.float32),
+                  "yaw_error": np.asarray(yaw_error, np.float32),
+                  "object_name": np.asarray([catalogue.OBJECTS[i].name for i in object_ids]),
+                  "receptacle_name": np.asarray([env.receptacle_name(spec, int(i))
+                                                 for i in receptacle_ids])})
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -237,6 +254,32 @@ def load_student_vision(path: str, experiment: Experiment) -> Dict[str, Any]:
     raise CheckpointError(f"{path} was pretrained for other vision towers (differing: "
                           f"{differs}); pretrain for this model (weights.student_vision="
                           "'bundled' builds a matching one) or use '' for random towers.")
+  return _unflatten(flat)
+
+
+def _digest(*parts: Any) -> str:
+  text = json.dumps([VERSION, *parts], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _student_config(experiment: Experiment) -> Dict[str, Any]:
+  """What the whole student's parameters depend on (compute dtype and remat excluded)."""
+  drop = ("dtype", "remat", "remat_policy")
+  clean = lambda tree: {k: clean(v) if isinstance(v, dict) else v
+                        for k, v in tree.items() if k not in drop}
+  return clean(dataclasses.asdict(experiment.model))
+
+
+def save_student(path: str, params: Dict[str, Any], experiment: Experiment,
+                 tokenizer_digest: str) -> None:
+  """Writes a whole student, the config it belongs to and its tokenizer's digest (.npz)."""
+  flat = npz.flatten(params)
+  flat["__config__"] = np.asarray(json.dumps(
+      {"model": _student_config(experiment), "tokenizer": tokenizer_digest}, sort_keys=True))
+  np.savez(path, **flat)
+
+
+def _unflatten(flat: Dict[str, np.ndarray]) -> Dict[str, Any]:
   tree: Dict[str, Any] = {}
   for key, value in flat.items():
     node = tree
@@ -247,25 +290,60 @@ def load_student_vision(path: str, experiment: Experiment) -> Dict[str, Any]:
   return tree
 
 
-def _digest(*parts: Any) -> str:
-  text = json.dumps([VERSION, *parts], sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
+def load_student(path: str, experiment: Experiment,
+                 tokenizer_digest: Optional[str] = None) -> Dict[str, Any]:
+  """The student in `path` (`save_student`); CheckpointError for another model/tokenizer."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"No pretrained student at {path!r}; set weights.student to a "
+                          "checkpoint, 'bundled', or '' for a random student.")
+  with np.load(path, allow_pickle=False) as data:
+    flat = {k: data[k] for k in data.files}
+  if "__config__" not in flat:
+    raise CheckpointError(f"{path} holds no '__config__' entry; it was not written by "
+                          "save_student.")
+  stored = json.loads(str(flat.pop("__config__")))
+  wanted = json.loads(json.dumps(_student_config(experiment), sort_keys=True))
+  if stored["model"] != wanted:
+    differs = sorted(k for k in set(stored["model"]) | set(wanted)
+                     if stored["model"].get(k) != wanted.get(k))
+    raise CheckpointError(f"{path} was pretrained for another student (differing: "
+                          f"{differs}); weights.student='bundled' builds one for this model.")
+  if tokenizer_digest is not None and stored["tokenizer"] != tokenizer_digest:
+    raise CheckpointError(f"{path} was pretrained with another tokenizer; its token ids "
+                          "would mean other words. Use the tokenizer it was built with "
+                          "(config.tokenizer='bundled').")
+  return _unflatten(flat)
+
+
+def metrics_path(path: str) -> str:
+  """Where the held-out metrics of the pretrained checkpoint `path` are written (.json)."""
+  return os.path.splitext(path)[0] + ".json"
+
+
+def file_digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainConfig(),
                       cache_dir: Optional[str] = None, *, progress: bool = True,
-                      parts: Tuple[str, ...] = ("student_vision", "teacher")
-                      ) -> Dict[str, str]:
-  """Paths of the pretrained student vision and teacher, built and cached on first use.
+                      parts: Tuple[str, ...] = ("student_vision", "teacher"),
+                      vlm_config: Optional[Any] = None) -> Dict[str, str]:
+  """Paths of the pretrained student (vision, whole VLM) and teacher, built on first use.
 
   Args:
-    parts: which of "student_vision" and "teacher" to build if missing (both are
-      returned; a part not asked for may name a file that does not exist yet).
+    parts: which of "student_vision", "teacher" and "student" to build if missing (all
+      are returned; a part not asked for may name a file that does not exist yet).
+      "student" (`vla_jax.train.vlm_pretrain`) starts from the student vision and uses
+      the bundled tokenizer.
+    vlm_config: `vlm_pretrain.VLMPretrainConfig` of the "student" stage (default: its
+      defaults).
   Returns:
     {"student_vision": .npz of the student's towers + projector, "teacher": big_vision
      .npz of the teacher tower (a SigLIP teacher; a DINOv2 teacher is not pretrained
-     here and gets "")}.
+     here and gets ""), "student": .npz of the whole question-answering student}.
   """
+  from vla_jax.train import vlm_pretrain  # pylint: disable=g-import-not-at-top
   from vla_jax import modeling  # pylint: disable=g-import-not-at-top
   from vla_jax.models import vla as vla_lib  # pylint: disable=g-import-not-at-top
   from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
@@ -279,6 +357,14 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
       "teacher": "" if experiment.teacher.kind != "siglip" else os.path.join(
           root, f"teacher_{_digest(teacher_config, experiment.model.grid, setup)}.npz"),
   }
+  vlm_config = vlm_config or vlm_pretrain.VLMPretrainConfig()
+  tokenizer_path = bundled.bundled_tokenizer_path(cache_dir)
+  tokenizer_digest = file_digest(tokenizer_path)
+  paths["student"] = os.path.join(root, "student_" + _digest(
+      _student_config(experiment), setup, dataclasses.asdict(vlm_config),
+      tokenizer_digest) + ".npz")
+  if "student" in parts and not os.path.exists(paths["student"]):
+    parts = tuple(parts) + ("student_vision",)  # the VLM stage starts from it
   missing = [k for k, p in paths.items() if k in parts and p and not os.path.exists(p)]
   if not missing:
     return paths
@@ -300,8 +386,18 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
                                         data, grid, config, desc="pretrain student vision",
                                         progress=progress)
       logging.info("Student vision pretrained: held-out %s", metrics)
-      save_student_vision(os.path.join(tmp, "student.npz"), vision, experiment)
-      os.replace(os.path.join(tmp, "student.npz"), paths["student_vision"])
+      save_student_vision(os.path.join(tmp, "student_vision.npz"), vision, experiment)
+      os.replace(os.path.join(tmp, "student_vision.npz"), paths["student_vision"])
+    if "student" in missing:
+      tokenizer = Tokenizer.from_path(tokenizer_path)
+      vision = load_student_vision(paths["student_vision"], experiment)
+      params = {**params, "student": {**params["student"], **vision}}
+      student, metrics = vlm_pretrain.pretrain_vlm(models, experiment, params, data,
+                                                   tokenizer, vlm_config, progress=progress)
+      save_student(os.path.join(tmp, "student.npz"), student, experiment, tokenizer_digest)
+      with open(metrics_path(paths["student"]), "w") as f:
+        json.dump(metrics, f, indent=1)
+      os.replace(os.path.join(tmp, "student.npz"), paths["student"])
     if "teacher" in missing:
       encode = lambda p, images: models.teacher.apply(
           {"params": p}, images, grid, experiment.align.grid_match)
