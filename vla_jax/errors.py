@@ -18,3 +18,11 @@ class CheckpointError(VlaJaxError, ValueError):
 
 class InputError(VlaJaxError, ValueError):
   """An array passed to a model or function has the wrong shape, dtype or values."""
+
+
+class DivergenceError(VlaJaxError, RuntimeError):
+  """Training produced NaN/inf losses or gradients for too many steps in a row."""
+
+
+class TrainingStopped(VlaJaxError, RuntimeError):
+  """Training stopped on SIGTERM / SIGINT after saving a checkpoint to resume from."""

@@ -8,7 +8,7 @@ import pytest
 
 from tests.train.helpers import ACTION_TOKENIZER, _config, make_batch, small_experiment
 from vla_jax.actions import NormStats
-from vla_jax.errors import CheckpointError
+from vla_jax.errors import CheckpointError, ConfigError
 from vla_jax.models import lora as lora_lib
 from vla_jax.train import checkpoint as ckpt_lib
 from vla_jax.train import state as state_lib
@@ -123,3 +123,36 @@ def test_export_with_merged_lora_reproduces_unmerged_logits(run, tmp_path):
   params16 = ckpt_lib.load_policy_params(path16)[0]
   assert {x.dtype.name for x in jax.tree.leaves(params16)} == {"bfloat16"}
   assert not os.path.exists(str(path16) + ".partial")
+
+
+def _tiny_state(value):
+  return state_lib.TrainState(step=jax.numpy.asarray(value, jax.numpy.int32),
+                              params={"w": jax.numpy.full(2, float(value))}, lora={},
+                              opt_state=(), rng=jax.random.key(0))
+
+
+def test_keep_checkpoints_zero_keeps_all_and_negative_is_an_error(tmp_path):
+  # Orbax's max_to_keep=0 deleted each checkpoint right after writing it.
+  manager = ckpt_lib.make_manager(tmp_path, max_to_keep=0, keep_period=0, async_save=False)
+  experiment = small_experiment()
+  assets = ckpt_lib.make_assets(experiment, STATS)
+  for step in (1, 2, 3, 4):
+    ckpt_lib.save(manager, step, _tiny_state(step), {"w": np.ones(2)}, assets, {})
+  manager.wait_until_finished()
+  assert list(manager.all_steps()) == [1, 2, 3, 4]
+  manager.close()
+  with pytest.raises(ConfigError, match="keep_checkpoints must be an integer >= 0"):
+    ckpt_lib.make_manager(tmp_path, max_to_keep=-1)
+  with pytest.raises(ConfigError, match="keep_period"):
+    ckpt_lib.check_retention(3, 2.5)
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+  manager = ckpt_lib.make_manager(tmp_path, async_save=False)
+  assets = ckpt_lib.make_assets(small_experiment(), STATS)
+  ckpt_lib.save(manager, 1, _tiny_state(1), {"w": np.ones(2)}, assets, {})
+  bad = _tiny_state(2).replace(params={"w": jax.numpy.asarray([1.0, np.nan])})
+  with pytest.raises(CheckpointError, match=r"refusing to save step 2.*\['w'\]"):
+    ckpt_lib.save(manager, 2, bad, {"w": np.ones(2)}, assets, {})
+  assert list(manager.all_steps()) == [1]
+  manager.close()

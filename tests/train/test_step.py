@@ -149,3 +149,21 @@ def test_train_overrides_set_dtype_and_remat(setup):
       experiment, state_lib.TrainConfig(compute_dtype="bfloat16", remat_policy="dots_saveable"))
   assert changed.model.llm.dtype == "bfloat16" and changed.model.llm.remat
   assert changed.model.siglip.dtype == changed.teacher.vit.dtype == "bfloat16"
+
+
+def test_nonfinite_step_skips_the_update(setup):
+  experiment, models, params = setup
+  config = _config()
+  state, frozen = state_lib.create_train_state(experiment, config, params, jax.random.key(1))
+  train_step = jax.jit(step_lib.make_train_step(models, experiment, config, ACTION_TOKENIZER))
+  good, metrics = train_step(state, frozen, make_batch(0))
+  assert float(metrics["nonfinite"]) == 0.0 and int(good.step) == 1
+  # One NaN weight makes the loss NaN: the step must count it and leave state untouched.
+  leaves, treedef = jax.tree.flatten(good.params)
+  poisoned = good.replace(params=jax.tree.unflatten(
+      treedef, [leaves[0] * jnp.nan] + leaves[1:]))
+  after, metrics = train_step(poisoned, frozen, make_batch(1))
+  assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss/total"]))
+  assert int(after.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, after.params, poisoned.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, poisoned.opt_state)

@@ -73,7 +73,9 @@ def load_checkpoint(path: str, step: Optional[int] = None
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "assets")):
-    return ckpt_lib.load_policy_params(path)
+    loaded = ckpt_lib.load_policy_params(path)
+    _check_finite_params(loaded[0], path)
+    return loaded
   run_dir = _run_checkpoint_dir(path)
   if run_dir is None:
     raise CheckpointError(f"{path} holds neither training checkpoints (numbered step folders "
@@ -90,7 +92,15 @@ def load_checkpoint(path: str, step: Optional[int] = None
   abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
   params = ckpt_lib.restore_params(manager, abstract, step=step)
   manager.close()
+  _check_finite_params(params, f"{run_dir} step {step}")
   return params, experiment, ckpt_lib.norm_stats_from_assets(assets), {**assets, "step": step}
+
+
+def _check_finite_params(params: Any, where: str) -> None:
+  # A diverged run's actions would be garbage (or NaN) with exit status 0: refuse it.
+  ckpt_lib.check_finite(params, f"the policy parameters in {where}",
+                        "the run diverged before this checkpoint. Evaluate an earlier step "
+                        "(--config.eval.step) or retrain with a lower train.learning_rate.")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_actions", "use_cache"))

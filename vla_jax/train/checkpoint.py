@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 
 from vla_jax import modeling
 from vla_jax.actions import NormStats
-from vla_jax.errors import CheckpointError
+from vla_jax.errors import CheckpointError, ConfigError
 from vla_jax.experiment import Experiment, parse_config
 from vla_jax.train.state import TrainState
 from vla_jax.weights import convert as convert_lib
@@ -39,20 +39,32 @@ ITEMS = ("train_state", "params", "assets", "data_iterator")
 EXPORT_FORMAT_VERSION = 1
 
 
+def check_retention(keep_checkpoints: Optional[int], keep_period: Optional[int]) -> None:
+  """ConfigError unless both are None or integers >= 0 (0 = keep all / no period)."""
+  for key, value in (("keep_checkpoints", keep_checkpoints), ("keep_period", keep_period)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+      raise ConfigError(f"config.{key} must be an integer >= 0 (0 = off: keep_checkpoints=0 "
+                        f"keeps every checkpoint, keep_period=0 keeps no extra ones), got "
+                        f"{value!r}.")
+
+
 def make_manager(directory: str, *, max_to_keep: Optional[int] = 3,
                  keep_period: Optional[int] = None,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager over `directory` with this module's four items.
 
   Args:
-    max_to_keep: keep the N most recent steps (None = all).
-    keep_period: additionally keep every step that is a multiple of K (None = none).
+    max_to_keep: keep the N most recent steps (None or 0 = all).
+    keep_period: additionally keep every step that is a multiple of K (None or 0 = none).
     async_save: write in a background thread; call `manager.wait_until_finished()`
       before exiting (or `manager.close()`).
   """
+  check_retention(max_to_keep, keep_period)
   directory = os.path.abspath(os.fspath(directory))
+  # Orbax's max_to_keep=0 deletes each step right after writing it; 0 means "off" here,
+  # like keep_period=0, so it keeps everything.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, keep_period=keep_period,
+      max_to_keep=max_to_keep or None, keep_period=keep_period or None,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
@@ -92,6 +104,32 @@ def norm_stats_from_assets(assets: Mapping[str, Any]) -> Dict[str, NormStats]:
   return {k: NormStats.from_dict(v) for k, v in assets.get("norm_stats", {}).items()}
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def nonfinite_leaves(tree: Any) -> list:
+  """Paths of the floating leaves of `tree` holding a NaN or inf ([] when all finite).
+
+  One jitted reduction decides; only a non-finite tree is searched leaf by leaf.
+  """
+  if bool(_all_finite(tree)):
+    return []
+  return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+          if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))]
+
+
+def check_finite(tree: Any, what: str, fix: str) -> None:
+  """CheckpointError naming the NaN/inf leaves of `tree` (`what` is, `fix` says what to do)."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise CheckpointError(f"{what} hold NaN or inf in {len(bad)} array(s) (first: {bad[:3]}); "
+                          f"{fix}")
+
+
 # Typed PRNG keys are stored as their raw uint32 data.
 def _to_storable(state: TrainState) -> TrainState:
   return state.replace(rng=jax.random.key_data(state.rng))
@@ -114,6 +152,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: A
   if not jax.tree.leaves(params):
     raise CheckpointError("save() got empty inference params; pass the student's full tree "
                           "(vla_jax.train.state.student_params(state, frozen_params, lora)).")
+  # A diverged state must never replace good checkpoints (rotation would delete them).
+  check_finite({"train_state": state.trainable, "opt_state": state.opt_state},
+               f"refusing to save step {step}: the train state and optimizer state",
+               "the run has diverged. Resume from the last good checkpoint with a lower "
+               "train.learning_rate.")
   args = ocp.args.Composite(
       train_state=ocp.args.StandardSave(_to_storable(state)),
       params=ocp.args.StandardSave(params),

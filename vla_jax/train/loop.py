@@ -6,25 +6,31 @@ tokenizer trained on its prompts, both built on first use); (3) models and a tra
 created already sharded on the mesh; (4) automatic resume from `WORKDIR/checkpoints`
 (state and data position); (5) the jitted, sharded `train_step`; (6) the loop with a
 progress bar, TensorBoard and JSONL metrics, periodic open-loop evaluation and async
-checkpoints; (7) a summary JSON and a PNG of the loss curves.
+checkpoints; steps with a NaN/inf loss are skipped by the step and counted here, and
+`train.max_nonfinite_steps` of them in a row stop the run with a DivergenceError;
+SIGTERM / SIGINT finish the step, save, wait for the save and raise TrainingStopped; (7)
+a summary JSON and a PNG of the loss curves.
 """
 
 import dataclasses
 import json
 import logging
 import os
+import signal
 import statistics
+import threading
 import time
 from typing import Any, Dict, Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from vla_jax import modeling
 from vla_jax.actions import ActionTokenizer
 from vla_jax.data import pipeline as data_lib
-from vla_jax.errors import ConfigError
+from vla_jax.errors import ConfigError, DivergenceError, TrainingStopped
 from vla_jax.experiment import Experiment, parse_config
 from vla_jax.text import Tokenizer
 from vla_jax.train import checkpoint as ckpt_lib
@@ -143,12 +149,75 @@ def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
   return png_path
 
 
+# ----------------------------------------------------------------------------- divergence
+@jax.jit
+def count_nonfinite(counts: jax.Array, nonfinite: jax.Array) -> jax.Array:
+  """int32 [3] (current streak, longest streak, total) of skipped steps, after one more.
+
+  Runs on device beside the step, so watching for divergence costs no host sync per step.
+  """
+  bad = (nonfinite > 0).astype(jnp.int32)
+  streak = (counts[0] + 1) * bad
+  return jnp.stack([streak, jnp.maximum(counts[1], streak), counts[2] + bad])
+
+
+def check_divergence(counts: jax.Array, limit: int, step: int, last_good: Optional[int],
+                     checkpoint_dir: str, learning_rate: float) -> int:
+  """DivergenceError once `limit` steps in a row were non-finite; else the total skipped."""
+  _, longest, total = (int(x) for x in jax.device_get(counts))
+  if longest >= limit:
+    where = (f"the last good checkpoint is step {last_good} in {checkpoint_dir}"
+             if last_good is not None else "no checkpoint was saved")
+    raise DivergenceError(
+        f"Training diverged: {longest} steps in a row had a NaN/inf loss or gradient norm (limit "
+        f"train.max_nonfinite_steps={limit}), by step {step}. Their updates were skipped and no "
+        f"non-finite state was saved; {where}. Lower train.learning_rate (now "
+        f"{learning_rate:g}), add train.warmup_steps or train.grad_clip_norm, and resume.")
+  return total
+
+
+# ----------------------------------------------------------------------------- signals
+class StopSignal:
+  """SIGTERM / SIGINT -> a flag the loop reads after each step, then it saves and stops.
+
+  Preemption (TPU VMs, SLURM) sends SIGTERM and Ctrl-C sends SIGINT; the default
+  handlers would kill the process between checkpoints, or in the middle of an async
+  save. Handlers can only be installed from the main thread; elsewhere this is a no-op.
+  """
+
+  def __init__(self):
+    self.received: Optional[str] = None
+    self._previous: Dict[int, Any] = {}
+
+  def __enter__(self) -> "StopSignal":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.received is None:
+      logging.warning("Got %s: finishing this step, then saving a checkpoint and stopping.",
+                      signal.Signals(signum).name)
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------- train
 def train(config: Any, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the experiment in `config` under `workdir`; returns a summary."""
   # (1) Typed configs, validated before anything compiles.
   experiment = parse_config(config)
+  if config.weights.student == modeling.BUNDLED and config.tokenizer != modeling.BUNDLED:
+    raise ConfigError("weights.student='bundled' was pretrained with the bundled tokenizer "
+                      f"(its ids mean those words), but config.tokenizer={config.tokenizer!r}. "
+                      "Set config.tokenizer='bundled', or train another student.")
   train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
+  ckpt_lib.check_retention(config.keep_checkpoints, config.keep_period)
   sharding_config = from_mapping(sharding_lib.ShardingConfig, config.sharding, "sharding")
   sharding_lib.initialize_distributed(config.distributed)
   experiment = state_lib.apply_train_overrides(experiment, train_config)
@@ -196,10 +265,10 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
       step_lib.make_eval_step(models, experiment, action_tokenizer),
       mesh, state_sharding, frozen_sharding)
 
-  def save(step_number: int) -> None:
+  def save(step_number: int, force: bool = False) -> None:
     ckpt_lib.save(manager, step_number, state,
                   state_lib.student_params(state, frozen, experiment.lora), assets,
-                  iterator.state())
+                  iterator.state(), force=force)
 
   val_config = dataclasses.replace(data_config, sources=tuple(
       dataclasses.replace(s, split="val") for s in data_config.sources))
@@ -221,30 +290,58 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
   step_times, last = [], {}
   progress = tqdm(range(start, train_config.num_steps), initial=start,
                   total=train_config.num_steps, desc="train", disable=jax.process_index() != 0)
+  nonfinite = jax.device_put(np.zeros(3, np.int32), sharding_lib.replicated(mesh))
+  max_nonfinite = train_config.max_nonfinite_steps
   tick = time.perf_counter()
-  for step_number in progress:
-    batch = sharding_lib.shard_batch(to_train_batch(next(iterator)), mesh)
-    state, metrics = train_step(state, frozen, batch)
-    done = step_number + 1
-    if done % config.log_every == 0 or done == train_config.num_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - tick
-      steps = done - (start if not step_times else step_times[-1][0])
-      step_times.append((done, elapsed / steps))
-      metrics["throughput/steps_per_s"] = steps / elapsed
-      metrics["throughput/frames_per_s"] = steps * train_config.batch_size / elapsed
-      tick = time.perf_counter()
-      if config.eval_every and (done % config.eval_every == 0 or
-                                done == train_config.num_steps):
-        metrics.update(evaluate())
-      writer.write(done, metrics)
-      last = metrics
-      progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
-                            if k in ("loss/action", "loss/align", "align/cos_sim")})
-    if done % config.checkpoint_every == 0 or done == train_config.num_steps:
-      save(done)
-  manager.wait_until_finished()
-  writer.close()
+  stopped_at = None
+  with StopSignal() as stop:
+    try:
+      for step_number in progress:
+        batch = sharding_lib.shard_batch(to_train_batch(next(iterator)), mesh)
+        state, metrics = train_step(state, frozen, batch)
+        nonfinite = count_nonfinite(nonfinite, metrics["nonfinite"])
+        done = step_number + 1
+        stopping = stop.received is not None  # read once: a signal may land mid-iteration
+        is_last = done == train_config.num_steps
+        is_log = done % config.log_every == 0 or is_last
+        is_save = done % config.checkpoint_every == 0 or is_last or stopping
+        # The streak is read from the device only when the host syncs anyway, or once
+        # every max_nonfinite steps (the longest streak is kept, so none is missed).
+        if is_log or is_save or done % max_nonfinite == 0:
+          skipped = check_divergence(nonfinite, max_nonfinite, done, manager.latest_step(),
+                                     manager.directory, train_config.learning_rate)
+        if is_log:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          metrics["nonfinite_steps"] = float(skipped)
+          elapsed = time.perf_counter() - tick
+          steps = done - (start if not step_times else step_times[-1][0])
+          step_times.append((done, elapsed / steps))
+          metrics["throughput/steps_per_s"] = steps / elapsed
+          metrics["throughput/frames_per_s"] = steps * train_config.batch_size / elapsed
+          tick = time.perf_counter()
+          if config.eval_every and (done % config.eval_every == 0 or is_last):
+            metrics.update(evaluate())
+          writer.write(done, metrics)
+          last = metrics
+          progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
+                                if k in ("loss/action", "loss/align", "align/cos_sim")})
+        if is_save:
+          save(done, force=stopping)
+        if stopping and not is_last:
+          stopped_at = done
+          break
+    finally:
+      # Saves already under way hold good states (a diverged one raises before saving):
+      # let them commit before the error, or the summary, leaves this function.
+      manager.wait_until_finished()
+      writer.close()
+  if stopped_at is not None:
+    saved, directory = manager.latest_step(), manager.directory
+    manager.close()
+    raise TrainingStopped(
+        f"Stopped by {stop.received} after step {stopped_at} of {train_config.num_steps}; "
+        f"checkpoint step {saved} is saved in {directory}. Run the same command with "
+        f"--workdir={os.path.abspath(workdir)} to resume from it.")
 
   # (7) Summary and plots.
   summary = {

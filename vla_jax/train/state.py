@@ -59,6 +59,8 @@ class TrainConfig:
     batch_size: global batch size (all devices, all micro-batches).
     num_steps: total optimizer steps.
     seed: seeds parameter init, LoRA init and the train rng.
+    max_nonfinite_steps: a step with a NaN/inf loss or gradient norm is skipped (no
+      update); this many in a row stop the run with an error (the run has diverged).
   """
   learning_rate: float = 5e-4
   schedule: str = "constant"
@@ -77,12 +79,13 @@ class TrainConfig:
   batch_size: int = 8
   num_steps: int = 60_000
   seed: int = 0
+  max_nonfinite_steps: int = 10
 
   def __post_init__(self):
     require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate!r}.")
     require(self.schedule in SCHEDULES,
             f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-    for key in ("batch_size", "num_steps", "grad_accum_steps"):
+    for key in ("batch_size", "num_steps", "grad_accum_steps", "max_nonfinite_steps"):
       value = getattr(self, key)
       require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
               f"train.{key} must be a positive integer, got {value!r}.")

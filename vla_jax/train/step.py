@@ -188,7 +188,9 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
   Returns:
     train_step; metrics are float32 scalars named loss/total, loss/action, loss/align
     and align/cos_sim (only when align_coeff > 0), action/token_accuracy, action/l1,
-    grad_norm (before clipping) and learning_rate (of this update).
+    grad_norm (before clipping), learning_rate (of this update) and nonfinite (1.0 when
+    the loss or the gradient norm was NaN/inf: the update was skipped, only the step
+    advanced; params and optimizer state are unchanged).
   """
   action_tokenizer = action_tokenizer or ActionTokenizer()
   optimizer = make_optimizer(train_config)
@@ -240,8 +242,15 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    state = state.replace(step=state.step + 1, params=trainable["params"],
-                          lora=trainable["lora"], opt_state=opt_state)
+    # A NaN/inf loss or gradient would poison the params and the Adam moments for good:
+    # skip that update (two scalars checked on device, no host sync) and report it.
+    finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = state.replace(step=state.step + 1,
+                          params=keep(trainable["params"], state.trainable["params"]),
+                          lora=keep(trainable["lora"], state.trainable["lora"]),
+                          opt_state=keep(opt_state, state.opt_state))
     return state, metrics
 
   return train_step

@@ -1,0 +1,108 @@
+"""Fault injection on the training loop: divergence, signals, and what is (never) saved."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from vla_jax.errors import CheckpointError, DivergenceError
+from vla_jax.eval import policy as policy_lib
+from vla_jax.experiment import load_config
+from vla_jax.sim import bundled
+from vla_jax.text import openvla_prompt, train_sentencepiece
+from vla_jax.train import checkpoint as ckpt_lib
+from vla_jax.train import loop
+
+pytestmark = pytest.mark.slow  # end-to-end runs
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+  """A 12-episode tabletop dataset and a tokenizer trained on its prompts."""
+  root = tmp_path_factory.mktemp("tabletop")
+  data_dir = bundled.bundled_dataset_dir(str(root), num_train=12, num_val=4, progress=False)
+  prompts = [openvla_prompt(f"put the {o} on the plate") for o in ("cube", "ball", "star")]
+  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300,
+                                  action_ids=256)
+  return data_dir, str(tokenizer.path)
+
+
+def make_config(small_data, steps, **train):
+  """The tiny preset on the small dataset, random weights: a run compiles in seconds."""
+  config = load_config(REPO / "configs" / "align.py", "tiny")
+  data_dir, tokenizer = small_data
+  config.tokenizer = tokenizer
+  config.weights.student, config.weights.teacher = "", ""
+  config.data.sources[0]["data_dir"] = data_dir
+  config.data.shuffle_buffer = 64
+  config.train.update(num_steps=steps, batch_size=4, warmup_steps=0, **train)
+  config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
+  return config
+
+
+def test_divergence_stops_the_run_and_saves_nothing_nonfinite(small_data, tmp_path):
+  config = make_config(small_data, 30, learning_rate=1e4, max_nonfinite_steps=3)
+  with pytest.raises(DivergenceError, match="train.max_nonfinite_steps=3") as error:
+    loop.train(config, str(tmp_path))
+  assert "last good checkpoint is step" in str(error.value)
+  manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=False)
+  steps = list(manager.all_steps())
+  manager.close()
+  assert steps and max(steps) < 30, steps
+  # The checkpoints left behind are finite policies (the last one was checked on save).
+  params, experiment, norm_stats, _ = policy_lib.load_checkpoint(str(tmp_path), steps[-1])
+  # A policy whose parameters are NaN (written by an older version) is refused.
+  nan_params = {**params, "projector": jax.tree.map(lambda x: np.full_like(x, np.nan),
+                                                   params["projector"])}
+  export = ckpt_lib.export(str(tmp_path / "nan_export"), nan_params, experiment, norm_stats)
+  with pytest.raises(CheckpointError, match="NaN or inf.*diverged"):
+    policy_lib.load_checkpoint(export)
+
+
+def _wait_for_metrics(path, lines, process, timeout=600):
+  """Blocks until `path` has `lines` lines (the run is past compiling and stepping)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert process.poll() is None, process.communicate()
+    if os.path.exists(path) and len(open(path).readlines()) >= lines:
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f"{path} did not reach {lines} lines in {timeout} s")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
+def test_signal_finishes_the_step_saves_and_says_where_to_resume(small_data, tmp_path, signum):
+  workdir = tmp_path / "run"
+  process = subprocess.Popen(
+      [sys.executable, "-m", "tests.train.faults_script", *small_data, str(workdir), "100000"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_metrics(workdir / "metrics.jsonl", 2, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+  finally:
+    process.kill()
+  assert process.returncode == 1, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  manager = ckpt_lib.make_manager(workdir / "checkpoints", async_save=False)
+  steps = list(manager.all_steps())
+  manager.close()
+  # checkpoint_every is 100,000: the only checkpoint is the one the signal forced.
+  assert len(steps) == 1 and steps[0] >= 2, steps
+  assert (f"Stopped by {signal.Signals(signum).name} after step {steps[0]} of 100000; "
+          f"checkpoint step {steps[0]} is saved") in stderr
+  assert f"--workdir={workdir}" in stderr
+
+
+def test_stop_signal_catches_ctrl_c_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGINT)
+  with loop.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)  # would be a KeyboardInterrupt without the handler
+    time.sleep(0.05)
+  assert stop.received == "SIGINT" and signal.getsignal(signal.SIGINT) is before
