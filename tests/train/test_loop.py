@@ -30,7 +30,7 @@ def _config(small_data, steps, **overrides):
   config = load_config(REPO / "configs" / "align.py", "tiny")
   data_dir, tokenizer = small_data
   config.tokenizer = tokenizer
-  config.weights.student_vision, config.weights.teacher = "", ""  # random towers: fast
+  config.weights.student, config.weights.teacher = "", ""  # random student and teacher: fast
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
   config.train.num_steps = steps
