@@ -236,18 +236,25 @@ def save_student_vision(path: str, params: Dict[str, Any], experiment: Experimen
   np.savez(path, **flat)
 
 
-def load_student_vision(path: str, experiment: Experiment) -> Dict[str, Any]:
-  """The vision subtrees in `path`; CheckpointError if they were made for other towers."""
+def _read_with_config(path: str, writer: str, missing: str
+                      ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+  """(flat arrays, the stored `__config__`) of an `.npz` written by `writer`."""
   if not os.path.exists(path):
-    raise CheckpointError(f"No pretrained student vision at {path!r}; set "
-                          "weights.student_vision to a file written by save_student_vision, "
-                          "'bundled', or '' for random towers.")
+    raise CheckpointError(missing)
   with np.load(path, allow_pickle=False) as data:
     flat = {k: data[k] for k in data.files}
   if "__config__" not in flat:
     raise CheckpointError(f"{path} holds no '__config__' entry; it was not written by "
-                          "save_student_vision.")
-  stored = json.loads(str(flat.pop("__config__")))
+                          f"{writer}.")
+  return flat, json.loads(str(flat.pop("__config__")))
+
+
+def load_student_vision(path: str, experiment: Experiment) -> Dict[str, Any]:
+  """The vision subtrees in `path`; CheckpointError if they were made for other towers."""
+  flat, stored = _read_with_config(
+      path, "save_student_vision", f"No pretrained student vision at {path!r}; set "
+      "weights.student_vision to a file written by save_student_vision, 'bundled', or '' "
+      "for random towers.")
   wanted = json.loads(json.dumps(_vision_config(experiment), sort_keys=True))
   if stored != wanted:
     differs = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
@@ -293,15 +300,9 @@ def _unflatten(flat: Dict[str, np.ndarray]) -> Dict[str, Any]:
 def load_student(path: str, experiment: Experiment,
                  tokenizer_digest: Optional[str] = None) -> Dict[str, Any]:
   """The student in `path` (`save_student`); CheckpointError for another model/tokenizer."""
-  if not os.path.exists(path):
-    raise CheckpointError(f"No pretrained student at {path!r}; set weights.student to a "
-                          "checkpoint, 'bundled', or '' for a random student.")
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: data[k] for k in data.files}
-  if "__config__" not in flat:
-    raise CheckpointError(f"{path} holds no '__config__' entry; it was not written by "
-                          "save_student.")
-  stored = json.loads(str(flat.pop("__config__")))
+  flat, stored = _read_with_config(
+      path, "save_student", f"No pretrained student at {path!r}; set weights.student to a "
+      "checkpoint, 'bundled', or '' for a random student.")
   wanted = json.loads(json.dumps(_student_config(experiment), sort_keys=True))
   if stored["model"] != wanted:
     differs = sorted(k for k in set(stored["model"]) | set(wanted)
