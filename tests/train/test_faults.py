@@ -14,23 +14,10 @@ from tests.conftest import REPO
 from vla_jax.errors import CheckpointError, DivergenceError
 from vla_jax.eval import policy as policy_lib
 from vla_jax.experiment import load_config
-from vla_jax.sim import bundled
-from vla_jax.text import openvla_prompt, train_sentencepiece
 from vla_jax.train import checkpoint as ckpt_lib
 from vla_jax.train import loop
 
 pytestmark = pytest.mark.slow  # end-to-end runs
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-  """A 12-episode tabletop dataset and a tokenizer trained on its prompts."""
-  root = tmp_path_factory.mktemp("tabletop")
-  data_dir = bundled.bundled_dataset_dir(str(root), num_train=12, num_val=4, progress=False)
-  prompts = [openvla_prompt(f"put the {o} on the plate") for o in ("cube", "ball", "star")]
-  tokenizer = train_sentencepiece(prompts * 4, root / "tok.model", vocab_size=300,
-                                  action_ids=256)
-  return data_dir, str(tokenizer.path)
 
 
 def make_config(small_data, steps, **train):
