@@ -33,6 +33,7 @@ import tqdm
 
 from vla_jax.actions import ActionTokenizer
 from vla_jax.data import batching
+from vla_jax.errors import InputError
 from vla_jax.experiment import Experiment
 from vla_jax.text import Tokenizer
 
@@ -97,8 +98,8 @@ def question_batch(scene: Dict[str, np.ndarray], rows: Sequence[int], kinds: Seq
     batching.check_prompt_ids(np.asarray(prompt), action_tokenizer, tokenizer, question)
     ids = prompt + action_tokenizer.encode(values).tolist() + [tokenizer.eos_id]
     if len(ids) > max_length:
-      raise ValueError(f"Question {question!r} needs {len(ids)} tokens > max_length "
-                       f"{max_length}.")
+      raise InputError(f"Question {question!r} needs {len(ids)} tokens > max_length "
+                       f"{max_length}; raise VLMPretrainConfig.max_length.")
     tokens[i, :len(ids)] = ids
     loss_mask[i, len(prompt):len(ids)] = True
     input_mask[i, :len(ids)] = True
