@@ -27,8 +27,12 @@ from vla_jax.train import step as step_lib
 
 def predicted_action_tokens(model: VLA, params: Any, batch: Dict[str, np.ndarray]
                             ) -> np.ndarray:
-  """Teacher-forced argmax token at every text position: int32 [B, T]."""
-  out = model.apply({"params": params}, batch["images"], batch["tokens"], batch["input_mask"])
+  """Teacher-forced argmax token at every text position: int32 [B, T].
+
+  The student runs as the train step runs it (`step.student_forward`: the prompt is the
+  only prefix, so a prefix-LM student cannot see the targets it predicts).
+  """
+  out = step_lib.student_forward(model, params, batch)
   return jnp.argmax(step_lib.target_logits(model.config, out["logits"]), -1).astype(jnp.int32)
 
 
@@ -53,7 +57,7 @@ def open_loop_metrics(model: VLA, params: Any, batches: Iterable[Dict[str, np.nd
     targets = np.asarray(batch["loss_mask"], bool) & np.asarray(batch["input_mask"], bool)
     targets &= np.asarray(action_tokenizer.is_action_token(tokens))
     predicted = np.asarray(predict(params, {k: batch[k] for k in ("images", "tokens",
-                                                                  "input_mask")}))
+                                                                  "input_mask", "loss_mask")}))
     correct += int(np.sum((predicted == tokens) & targets))
     total += int(targets.sum())
     actions = np.asarray(batch["actions"], np.float64)

@@ -259,7 +259,10 @@ class VLA(nn.Module):
       tokens: [B, T] int32 text tokens, starting with BOS (no image placeholders).
       input_mask: [B, T] bool, True at real (non-padding) tokens; None = all real.
       prefix_mask: [B, T] bool, PaliGemma only: True at prefix tokens (bidirectional);
-        None = the whole text is prefix.
+        None = the whole text is prefix, which is right for a prompt alone (decoding)
+        but lets supervised targets see themselves: training and teacher-forced
+        evaluation pass `vla_jax.train.step.supervised_prefix_mask` (through
+        `step.student_forward`).
       align_layer: capture the LLM residual stream after this many blocks (HF
         `hidden_states[k]` convention) at the visual positions; None = no capture.
       return_all_hidden: also return every layer's hidden states (analysis only).

@@ -19,6 +19,13 @@ Batch contract (numpy or jax arrays, global batch B):
 Text position t sits at sequence position `text_to_sequence_positions(...)[t]` of the
 student's logits (visual tokens are inserted), and is predicted from the position
 before it.
+
+The supervised suffix is causal for every student: `student_forward` (the only place the
+steps run the student) passes `supervised_prefix_mask(batch)`, which makes the text
+before the first supervised target the prefix. A prefix-LM student (PaliGemma) then
+attends bidirectionally over image + prompt only, as big_vision and transformers train
+it; without it the whole text, targets included, would be prefix, and the logits that
+predict a target would see that target.
 """
 
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -62,6 +69,35 @@ def target_logits(config: VLAConfig, logits: jax.Array) -> jax.Array:
   length = logits.shape[1] - config.num_visual_tokens
   previous = np.maximum(text_to_sequence_positions(config, length) - 1, 0)
   return jnp.take(logits, previous, axis=1)
+
+
+def supervised_prefix_mask(input_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """[B, T] bool: the real text tokens before each row's first supervised target.
+
+  This is the prompt (BOS, instruction, separator) of a train batch; the targets and
+  everything after the first of them form the causal suffix. Only prefix-LM students
+  (PaliGemma) read it; causal students ignore it.
+  """
+  real = jnp.asarray(input_mask).astype(bool)
+  supervised = jnp.asarray(loss_mask).astype(bool) & real
+  return real & (jnp.cumsum(supervised, axis=1) == 0)
+
+
+def student_forward(model: Any, params: Any, batch: Batch,
+                    align_layer: Optional[int] = None) -> Dict[str, jax.Array]:
+  """The student's forward pass on a train batch, with the prompt as the only prefix.
+
+  Args:
+    model: the student `VLA` module.
+    params: its parameter tree.
+    batch: images, tokens, input_mask and loss_mask of the batch contract.
+    align_layer: capture the LLM residual stream after this many blocks (or None).
+  Returns:
+    `VLA.__call__`'s outputs (logits [B, T + N, V], align_hidden, ...).
+  """
+  prefix = supervised_prefix_mask(batch["input_mask"], batch["loss_mask"])
+  return model.apply({"params": params}, batch["images"], batch["tokens"],
+                     batch["input_mask"], prefix_mask=prefix, align_layer=align_layer)
 
 
 def check_batch(batch: Batch, num_micro_batches: int = 1) -> None:
@@ -122,9 +158,8 @@ def _forward(models: Models, experiment: Experiment, action_tokenizer: ActionTok
              with_align: bool) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
   """One (micro-)batch: (action sums, alignment values {loss/align, align/cos_sim})."""
   align = experiment.align
-  out = models.student.apply({"params": student}, batch["images"], batch["tokens"],
-                             batch["input_mask"],
-                             align_layer=align.align_layer if with_align else None)
+  out = student_forward(models.student, student, batch,
+                        align.align_layer if with_align else None)
   sums = _action_sums(experiment.model, action_tokenizer, out["logits"], batch)
   if not with_align:
     return sums, {}
