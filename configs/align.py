@@ -83,9 +83,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Input pipeline (vla_jax.data.pipeline.DataConfig; batch size, image size, tokenizer
   # and seed come from train / model / tokenizer / seed). A "tabletop" source with an
   # empty data_dir is the bundled dataset; add Open-X sources with their data_dir.
+  # proprio_dims: robot-state dimensions written into the prompt as number tokens (the
+  # tabletop state is x, y, z, roll, pitch, yaw, gripper); () = OpenVLA's prompt.
   config.data = dict(
       sources=[dict(name="tabletop", data_dir="", weight=1.0, split="train")],
-      shuffle_buffer=2_000 if tiny else 100_000, max_length=48 if tiny else 64)
+      shuffle_buffer=2_000 if tiny else 100_000, max_length=48 if tiny else 64,
+      proprio_dims=())
   config.log_every = 20 if tiny else 100
   config.eval_every = 500 if tiny else 2_000
   config.eval_batches = 4

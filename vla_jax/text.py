@@ -198,18 +198,24 @@ def openvla_prompt(instruction: str) -> str:
 
 
 def openvla_inputs(tokenizer: Tokenizer, instruction: str,
-                   action_ids: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """OpenVLA's token sequence: BOS, prompt, "▁", action tokens, EOS.
+                   action_ids: Optional[Sequence[int]] = None,
+                   state_ids: Sequence[int] = ()) -> Tuple[np.ndarray, np.ndarray]:
+  """OpenVLA's token sequence: BOS, prompt, [state tokens], "▁", action tokens, EOS.
 
   Training tokenises "In: ...?\\nOut: " + action characters + "</s>"; the space before
   the action characters is its own piece "▁" (29871 for Llama-2), which OpenVLA's
   `predict_action` also appends at inference. The loss covers the action tokens and
   EOS. Image tokens are not text: the model inserts them right after BOS.
 
+  OpenVLA reads no proprioception. `state_ids` (an extension, as pi0-FAST writes the
+  discretised robot state into its prefix) are number tokens of the normalised state,
+  placed after the prompt's "Out:" and before "▁"; they are input, never supervised.
+
   Args:
     tokenizer: the Llama-2 tokenizer.
     instruction: task text; lower-cased as OpenVLA does.
     action_ids: [A] action token ids (`ActionTokenizer.encode`); None for inference.
+    state_ids: [D] state token ids (`ActionTokenizer.encode` of the normalised state).
 
   Returns:
     (ids [T] int32, loss_mask [T] bool); without actions the ids end at "▁".
@@ -218,7 +224,8 @@ def openvla_inputs(tokenizer: Tokenizer, instruction: str,
   if space is None:
     raise ConfigError(f"Tokenizer {tokenizer.path} has no '\u2581' piece; OpenVLA prompts need "
                       f"the Llama-2 SentencePiece tokenizer.")
-  prompt = tokenizer.encode(openvla_prompt(instruction), add_bos=True) + [space]
+  prompt = (tokenizer.encode(openvla_prompt(instruction), add_bos=True)
+            + [int(i) for i in state_ids] + [space])
   target = []
   if action_ids is not None:
     target = [int(i) for i in action_ids] + [_eos_id(tokenizer)]

@@ -66,3 +66,76 @@ def test_llama2_keeps_openvlas_layout(shared_data):
   batch, _ = batching.tokenize_batch(texts, np.zeros((len(texts), 1, 7), np.float32), llama,
                                      action_tokenizer, 64, 32000)
   assert (batch["tokens"][batch["loss_mask"]].reshape(len(texts), 8)[:, :7] >= 31744).all()
+
+
+# ----------------------------------------------------------------- proprio tokens ----
+def _state_stats(dim=7):
+  from vla_jax.actions import NormStats  # pylint: disable=g-import-not-at-top
+  low, high = np.full(dim, -0.2), np.full(dim, 0.2)
+  high[6], low[6] = 1.0, 0.0
+  return NormStats(mean=np.zeros(dim), std=np.ones(dim), min=low, max=high, q01=low,
+                   q99=high, mask=np.ones(dim, bool))
+
+
+def test_state_tokens_sit_between_prompt_and_space_and_are_not_supervised(bundled_tokenizer):
+  tok = bundled_tokenizer
+  action_tokenizer = ActionTokenizer(vocab_size=tok.vocab_size)
+  text = b"put the carrot on the plate"
+  states = np.array([[0.1, -0.3, -1.0, 0, 0, 0.5, 1.0]], np.float32)  # normalised
+  plain, _ = batching.tokenize_batch(np.array([text]), ACTIONS, tok, action_tokenizer, 48,
+                                     tok.vocab_size)
+  with_state, _ = batching.tokenize_batch(np.array([text]), ACTIONS, tok, action_tokenizer,
+                                          48, tok.vocab_size, states=states, state_dims=(2, 6))
+  prompt = plain["tokens"][0][~plain["loss_mask"][0] & plain["attention_mask"][0]]
+  ids = with_state["tokens"][0][with_state["attention_mask"][0]]
+  n = len(prompt)
+  expected_state = action_tokenizer.encode(np.array([-1.0, 1.0]))
+  np.testing.assert_array_equal(ids[:n - 1], prompt[:-1])
+  np.testing.assert_array_equal(ids[n - 1:n + 1], expected_state)
+  assert ids[n + 1] == prompt[-1]  # "▁" still ends the prompt
+  assert not with_state["loss_mask"][0][:n + 2].any()  # state ids are input only
+  np.testing.assert_array_equal(with_state["tokens"][0][with_state["loss_mask"][0]],
+                                plain["tokens"][0][plain["loss_mask"][0]])
+  # Different states give different prompts; the action targets stay the same.
+  other, _ = batching.tokenize_batch(np.array([text]), ACTIONS, tok, action_tokenizer, 48,
+                                     tok.vocab_size, states=-states, state_dims=(2, 6))
+  assert not np.array_equal(other["tokens"], with_state["tokens"])
+
+
+def test_state_token_errors_name_the_problem(bundled_tokenizer):
+  tok = bundled_tokenizer
+  action_tokenizer = ActionTokenizer(vocab_size=tok.vocab_size)
+  text = np.array([b"put the carrot on the plate"])
+  with pytest.raises(InputError, match="no states"):
+    batching.tokenize_batch(text, ACTIONS, tok, action_tokenizer, 48, 0, state_dims=(2,))
+  with pytest.raises(InputError, match=r"D > 6"):
+    batching.tokenize_batch(text, ACTIONS, tok, action_tokenizer, 48, 0,
+                            states=np.zeros((1, 3)), state_dims=(2, 6))
+  with pytest.raises(InputError, match="NaN"):
+    batching.tokenize_batch(text, ACTIONS, tok, action_tokenizer, 48, 0,
+                            states=np.full((1, 7), np.nan), state_dims=(2,))
+
+
+def test_policy_prompts_equal_training_prompts_with_state(bundled_tokenizer):
+  """The serving path builds the very token prefix training fed, state tokens included."""
+  from vla_jax.eval.policy import VLAPolicy  # pylint: disable=g-import-not-at-top
+  from vla_jax.models import vla as vla_lib  # pylint: disable=g-import-not-at-top
+  tok = bundled_tokenizer
+  action_tokenizer = ActionTokenizer(vocab_size=tok.vocab_size)
+  stats = _state_stats()
+  model = vla_lib.VLA(vla_lib.vla_config("tiny"))
+  policy = VLAPolicy(model, None, tok, stats, proprio_dims=(2, 6), state_stats=stats)
+  texts = ["put the carrot on the plate", "put the red cube in the bowl"]
+  raw = np.array([[0.0, -0.19, 0.1, 0, 0, 0, 1.0], [0.05, 0.1, 0.015, 0, 0, 0.3, 0.0]])
+  tokens, lengths = policy.prompt_batch(texts, raw)
+  train, _ = batching.tokenize_batch(np.array([t.encode() for t in texts]),
+                                     np.zeros((2, 1, 7), np.float32), tok, action_tokenizer,
+                                     48, tok.vocab_size, states=stats.normalize(raw),
+                                     state_dims=(2, 6))
+  for row in range(2):
+    prompt = train["tokens"][row][~train["loss_mask"][row] & train["attention_mask"][row]]
+    np.testing.assert_array_equal(tokens[row, :lengths[row]], prompt)
+  with pytest.raises(InputError, match="pass states"):
+    policy.prompt_batch(texts)
+  with pytest.raises(InputError, match=r"states must be \[B=2, 7\]"):
+    policy.prompt_batch(texts, raw[:, :3])

@@ -46,6 +46,26 @@ def test_batches_shapes_dtypes_ranges(name, tabletop_dir, bridge_dir, shared_dat
   assert (batch["tokens"][batch["loss_mask"]][::15] >= 31744).all()
 
 
+def test_proprio_dims_put_the_frames_state_into_its_prompt(tabletop_dir, shared_data,
+                                                            module_stats):
+  from vla_jax.actions import ActionTokenizer  # pylint: disable=g-import-not-at-top
+  config = _config([{"name": "tabletop", "data_dir": tabletop_dir}], module_stats,
+                   tokenizer=str(shared_data / TOKENIZER), max_length=48, proprio_dims=(2, 6))
+  batch = next(make_iterator(config, process_index=0, process_count=1))
+  first = ActionTokenizer(vocab_size=32000).token_range()[0]
+  for row in range(8):
+    prompt = batch["tokens"][row][batch["attention_mask"][row] & ~batch["loss_mask"][row]]
+    expected = ActionTokenizer(vocab_size=32000).encode(batch["observation"]["state"][row, [2, 6]])
+    np.testing.assert_array_equal(prompt[-3:-1], expected)  # then "▁"
+    assert (prompt[:-3] < first).all()
+  with pytest.raises(InputError, match=r"proprio_dims=\(9,\) but the datasets' states have 7"):
+    make_iterator(_config([{"name": "tabletop", "data_dir": tabletop_dir}], module_stats,
+                          tokenizer=str(shared_data / TOKENIZER), proprio_dims=(9,)),
+                  process_index=0, process_count=1)
+  with pytest.raises(ConfigError, match="distinct state indices"):
+    _config([{"name": "tabletop", "data_dir": tabletop_dir}], module_stats, proprio_dims=(2, 2))
+
+
 def test_long_prompts_warn_with_a_count(tabletop_dir, shared_data, module_stats, caplog):
   config = _config([{"name": "tabletop", "data_dir": tabletop_dir}], module_stats,
                    tokenizer=str(shared_data / TOKENIZER), max_length=12)

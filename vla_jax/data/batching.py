@@ -3,6 +3,10 @@
 Each frame's instruction becomes OpenVLA's prompt, its normalised action chunk [H, A]
 becomes H * A action tokens (`vla_jax.actions.ActionTokenizer`), and
 `vla_jax.text.openvla_inputs` lays them out as BOS, prompt, "▁", action tokens, EOS.
+With `state_dims` (`DataConfig.proprio_dims`), the chosen dimensions of each frame's
+normalised robot state are written as number tokens (the action bins' ids, like
+PaliGemma's location tokens) between the prompt and "▁": the policy then knows, e.g.,
+whether its gripper is closed, which a 64-pixel camera barely shows.
 Only the action tokens and EOS are supervised (`loss_mask`). Rows are right-padded to
 `max_length` with `attention_mask` False on padding. A sequence longer than
 `max_length` is cut at `max_length` (its last targets are lost) and counted: the caller
@@ -14,7 +18,7 @@ tokenizer those ids would be common words, and action bins and instruction words
 share embeddings and output rows. Such a tokenizer is refused with the overlap named.
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,9 +54,28 @@ def check_prompt_ids(prompt_ids: Sequence[int], action_tokenizer: ActionTokenize
       f"occur in instructions (Llama-2 for OpenVLA).")
 
 
+def state_token_ids(states: np.ndarray, state_dims: Sequence[int],
+                    action_tokenizer: ActionTokenizer) -> np.ndarray:
+  """int32 [B, len(state_dims)]: number tokens of normalised states [B, D] (in [-1, 1]).
+
+  Raises:
+    InputError: states of the wrong rank or too few dimensions, or NaN/inf.
+  """
+  states = np.asarray(states, np.float64)
+  if states.ndim != 2 or (state_dims and max(state_dims) >= states.shape[1]):
+    raise InputError(f"states must be [B, D] with D > {max(state_dims, default=-1)} (the "
+                     f"proprio_dims {tuple(state_dims)}), got shape {states.shape}.")
+  chosen = states[:, list(state_dims)]
+  if not np.all(np.isfinite(chosen)):
+    raise InputError(f"robot states hold NaN/inf in proprio dims {tuple(state_dims)}; the "
+                     "policy writes them into its prompt. Pass finite states.")
+  return action_tokenizer.encode(np.clip(chosen, -1.0, 1.0)).astype(np.int32)
+
+
 def tokenize_batch(instructions: np.ndarray, actions: np.ndarray, tokenizer: Tokenizer,
                    action_tokenizer: ActionTokenizer, max_length: int,
-                   pad_id: int) -> Tuple[Dict[str, np.ndarray], int]:
+                   pad_id: int, states: Optional[np.ndarray] = None,
+                   state_dims: Sequence[int] = ()) -> Tuple[Dict[str, np.ndarray], int]:
   """Prompts + action targets for B frames.
 
   Args:
@@ -62,6 +85,9 @@ def tokenize_batch(instructions: np.ndarray, actions: np.ndarray, tokenizer: Tok
     action_tokenizer: maps [-1, 1] to the last vocabulary ids.
     max_length: L, the padded sequence length.
     pad_id: id written at padded positions (OpenVLA: 32000).
+    states: [B, D] normalised states (the pipeline's `observation/state`); needed when
+      `state_dims` is not empty.
+    state_dims: which state dimensions go into the prompt (`state_token_ids`).
   Returns:
     ({"tokens": int32 [B, L], "loss_mask": bool [B, L], "attention_mask": bool [B, L]},
      number of rows that were longer than L and cut).
@@ -77,11 +103,19 @@ def tokenize_batch(instructions: np.ndarray, actions: np.ndarray, tokenizer: Tok
   loss_mask = np.zeros((batch, max_length), bool)
   attention_mask = np.zeros((batch, max_length), bool)
   action_ids = action_tokenizer.encode(actions.reshape(batch, -1).astype(np.float64))
+  state_ids = np.zeros((batch, 0), np.int32)
+  if state_dims:
+    if states is None:
+      raise InputError(f"tokenize_batch got state_dims={tuple(state_dims)} but no states.")
+    state_ids = state_token_ids(states, state_dims, action_tokenizer)
   truncated = 0
   for row, (text, ids_row) in enumerate(zip(instructions, action_ids)):
     text = text.decode() if isinstance(text, bytes) else str(text)
-    ids, mask = openvla_inputs(tokenizer, text, ids_row)
-    check_prompt_ids(ids[~mask], action_tokenizer, tokenizer, text)
+    ids, mask = openvla_inputs(tokenizer, text, ids_row, state_ids[row])
+    prompt = ids[~mask]
+    check_prompt_ids(np.delete(prompt, np.arange(len(prompt) - 1 - len(state_ids[row]),
+                                                 len(prompt) - 1)),
+                     action_tokenizer, tokenizer, text)
     if len(ids) > max_length:
       truncated += 1
       ids, mask = ids[:max_length], mask[:max_length]

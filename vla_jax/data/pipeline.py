@@ -90,6 +90,9 @@ class DataConfig:
     tokenizer: path of the Llama-2 tokenizer; None = no tokens in the batch.
     max_length: padded token length.
     pad_id: padding id (None: the tokenizer's, else its vocab size, OpenVLA's <PAD>).
+    proprio_dims: state dimensions written into each prompt as number tokens
+      (batching.py); () = OpenVLA's image-and-instruction prompt. The tabletop state is
+      (x, y, z, roll, pitch, yaw, gripper), so (2, 6) gives height and gripper opening.
     num_parallel_calls: tf.data parallelism (-1 = AUTOTUNE).
     tf_ram_budget_mb: tf.data autotune RAM budget (None = tf.data's default).
   """
@@ -114,6 +117,7 @@ class DataConfig:
   tokenizer: Optional[str] = None
   max_length: int = 64
   pad_id: Optional[int] = None
+  proprio_dims: Tuple[int, ...] = ()
   num_parallel_calls: int = -1
   tf_ram_budget_mb: Optional[int] = None
 
@@ -126,6 +130,10 @@ class DataConfig:
       object.__setattr__(self, "augment", from_mapping(augment_lib.AugmentConfig, self.augment,
                                                        "data.augment"))
     object.__setattr__(self, "image_roles", tuple(self.image_roles))
+    object.__setattr__(self, "proprio_dims", tuple(self.proprio_dims))
+    require(all(isinstance(d, int) and d >= 0 for d in self.proprio_dims)
+            and len(set(self.proprio_dims)) == len(self.proprio_dims),
+            f"data.proprio_dims must be distinct state indices >= 0, got {self.proprio_dims}.")
     require_positive_ints(self, ("image_size", "global_batch_size", "shuffle_buffer",
                                  "action_horizon", "window_size", "max_length"), "data")
     require(self.normalization in NORMALIZATION_MODES, f"data.normalization must be one of "
@@ -307,6 +315,10 @@ class DataIterator:
                                            start_batch=self.batches)
     self._iterator = self.dataset.as_numpy_iterator()
     self.num_truncated = 0
+    state_dim = max(s.state.dim for s in self.info["statistics"].values())
+    if config.proprio_dims and max(config.proprio_dims) >= state_dim:
+      raise InputError(f"data.proprio_dims={config.proprio_dims} but the datasets' states "
+                       f"have {state_dim} dimensions; choose indices below {state_dim}.")
     self._tokenizer = None
     if config.tokenizer:
       from vla_jax.text import Tokenizer  # pylint: disable=g-import-not-at-top
@@ -332,9 +344,12 @@ class DataIterator:
       raise InputError(f"Bad data while reading: {e.message}") from e
     self.batches += 1
     if self._tokenizer is not None:
+      states = batch["observation"]["state"]
       tokens, truncated = batching.tokenize_batch(
           batch["language_instruction"], batch["action"], self._tokenizer,
-          self._action_tokenizer, self.config.max_length, self._pad_id)
+          self._action_tokenizer, self.config.max_length, self._pad_id,
+          states=states[:, -1] if states.ndim == 3 else states,  # the current frame's
+          state_dims=self.config.proprio_dims)
       if truncated:
         self.num_truncated += truncated
         logging.warning("%d prompt(s) in this batch exceed max_length=%d and were cut (%d so "

@@ -252,8 +252,13 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
   state, _, data_state = ckpt_lib.maybe_restore(manager, state, state_sharding)
   iterator = data_lib.make_iterator(data_config, state=data_state)
   norm_stats = {name: s.action for name, s in iterator.info["statistics"].items()}
+  # The policy rebuilds its prompt from these: state tokens need the state statistics.
+  state_stats = {name: s.state.to_dict() for name, s in iterator.info["statistics"].items()}
   assets = ckpt_lib.make_assets(experiment, norm_stats, tokenizer=data_config.tokenizer,
-                                extra={"data": {"sources": [s.name for s in data_config.sources]}})
+                                extra={"data": {"sources": [s.name for s in data_config.sources],
+                                                "proprio_dims": list(data_config.proprio_dims),
+                                                "normalization": data_config.normalization},
+                                       "state_stats": state_stats})
   with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
     json.dump(assets["norm_stats"], f, indent=1)
 
