@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from vla_jax.errors import CheckpointError, ConfigError, InputError
 from vla_jax.models import vit
@@ -152,7 +153,8 @@ def test_posemb_resampled_to_new_grid(tmp_path):
   siglip.save_big_vision(path, params)
   loaded = siglip.load_big_vision(path, large)
   old = np.asarray(params["pos_embedding"]).reshape(4, 4, D)
-  want = jax.image.resize(old, (6, 6, D), method="bilinear").reshape(1, 36, D)
+  # big_vision's own resample_posemb: scipy.ndimage.zoom(order=1).
+  want = scipy.ndimage.zoom(old, (6 / 4, 6 / 4, 1), order=1).reshape(1, 36, D)
   np.testing.assert_allclose(loaded["pos_embedding"], want, atol=1e-6)
   assert not np.allclose(loaded["pos_embedding"][0, :16], old.reshape(16, D))
   np.testing.assert_array_equal(loaded["embedding"]["kernel"], params["embedding"]["kernel"])

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
+from vla_jax.models import posemb_resample
 from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -144,25 +145,22 @@ def dinov2_config(variant: str, **overrides) -> DinoV2Config:
   return from_mapping(DinoV2Config, {**_PRESETS[variant], **overrides}, where="dinov2")
 
 
-def resample_pos_embedding(posemb: jax.Array, num_prefix: int, grid_size: int) -> jax.Array:
-  """Bicubically resamples a square position-embedding grid to `grid_size`^2 patches.
+def resample_pos_embedding(posemb: jax.Array, num_prefix: int, grid_size: int,
+                           method: str = "bicubic_antialias") -> jax.Array:
+  """Resamples a square position-embedding grid to `grid_size`^2 patches.
 
   Args:
     posemb: [1, num_prefix + G*G, D]; the first `num_prefix` rows (CLS) are kept as is.
     num_prefix: leading non-grid rows (1 if the table covers CLS, else 0).
     grid_size: target patches per side.
+    method: one of `posemb_resample.RESAMPLE_METHODS`; the default is timm's
+      (antialiased bicubic); HF `Dinov2Model` uses plain "bicubic" (the loaders in
+      `vla_jax.weights.dinov2` pick the checkpoint's own).
   Returns:
     [1, num_prefix + grid_size**2, D] in float32.
   """
-  posemb = jnp.asarray(posemb, jnp.float32)
-  prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
-  old = int(round(np.sqrt(grid.shape[0])))
-  if old * old != grid.shape[0]:
-    raise InputError(f"Position embedding has {grid.shape[0]} grid rows after {num_prefix} "
-                     "prefix rows, which is not a square grid; check posemb_covers_cls.")
-  grid = grid.reshape(old, old, -1)
-  grid = jax.image.resize(grid, (grid_size, grid_size, grid.shape[-1]), method="bicubic")
-  return jnp.concatenate([prefix, grid.reshape(1, grid_size * grid_size, -1)], axis=1)
+  return jnp.asarray(posemb_resample.resample_posemb_table(np.asarray(posemb, np.float32),
+                                                           num_prefix, grid_size, method))
 
 
 def _layer_norm(config: DinoV2Config, name: str) -> nn.LayerNorm:

@@ -8,7 +8,7 @@ mapped onto it in `vla_jax/weights/siglip.py`. One `scan` switch stacks the bloc
 convert between the two layouts. `ViT.__call__` returns `(x, out)` where `out` holds every
 intermediate (stem, each block's residual stream, the encoded sequence, the pooled
 features), which is what representation alignment and probing read. Presets, position
-embedding resampling and an abstract parameter tree for loaders sit beside the model.
+embedding resampling (big_vision's method by default; see `posemb_resample`) and an abstract parameter tree for loaders sit beside the model.
 """
 
 import dataclasses
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
+from vla_jax.models import posemb_resample
 from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -367,25 +368,28 @@ def loop_to_scan(params: Mapping[str, Any], depth: int) -> Dict[str, Any]:
   return {**params, "Transformer": transformer}
 
 
-def resample_posemb(posemb: Any, new_grid: int) -> jax.Array:
-  """Bilinearly resizes a square grid of position embeddings (high-res fine-tuning).
+def resample_posemb(posemb: Any, new_grid: int,
+                    method: str = "bilinear_align_corners") -> jax.Array:
+  """Resizes a square grid of position embeddings (high-res fine-tuning).
 
   Args:
     posemb: [1, N, D] with N = old_grid ** 2.
     new_grid: patches per side wanted.
+    method: one of `posemb_resample.RESAMPLE_METHODS`; the default is big_vision's
+      (`scipy.ndimage.zoom(order=1)`); HF and timm checkpoints use their own (the
+      loaders in `vla_jax.weights.siglip` pick it).
   Returns:
     [1, new_grid ** 2, D] float32 (the input itself, as float32, if the grid matches).
   """
   posemb = jnp.asarray(posemb, jnp.float32)
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise InputError(f"resample_posemb expects [1, N, D], got shape {posemb.shape}.")
-  _, num, width = posemb.shape
+  num = posemb.shape[1]
   old_grid = math.isqrt(num)
   if old_grid * old_grid != num:
     raise InputError(f"resample_posemb needs a square grid of embeddings, but N={num} is not "
                      "a square (a class-token embedding mixed in?). Strip it first.")
   if old_grid == new_grid:
     return posemb
-  grid = posemb.reshape(old_grid, old_grid, width)
-  grid = jax.image.resize(grid, (new_grid, new_grid, width), method="bilinear")
-  return grid.reshape(1, new_grid * new_grid, width)
+  return jnp.asarray(posemb_resample.resample_posemb_table(np.asarray(posemb), 0, new_grid,
+                                                           method))
