@@ -185,3 +185,44 @@ def test_truncated_tower_rules_and_unused_regexes(tmp_path):
     reference = model.norm(tokens)
   x, _ = DinoV2(config).apply({"params": params}, images)
   _close(x, to_numpy(reference), "1-block encoded")
+
+
+# ----------------------------------------------------------------------------- resolution
+@pytest.mark.parametrize("size", [42, 21], ids=["up_6x6", "down_3x3"])
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_at_another_resolution(tmp_path, registers, size):
+  """A 28 px (4x4) checkpoint run at `size` px: ours, built by `config_from_hf`, equals
+  transformers (which interpolates by itself: `Dinov2Model` plain bicubic,
+  `Dinov2WithRegistersModel` antialiased)."""
+  model = _hf_model(registers, seed=5)
+  model.save_pretrained(tmp_path)
+  config = dinov2_weights.config_from_hf(tmp_path, image_size=size)
+  assert config == _our_config(num_registers=registers, image_size=size, mlp_dim=4 * WIDTH)
+  params = dinov2_weights.load_hf_dinov2(tmp_path, config)
+  images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = model(pixel_values=_torch_input(images))
+  x, _ = jax.jit(DinoV2(config).apply)({"params": params}, images)
+  _close(x, to_numpy(ref.last_hidden_state), "encoded")
+  # The other bicubic is measurably another function.
+  other = "bicubic" if registers else "bicubic_antialias"
+  params = dinov2_weights.load_hf_dinov2(tmp_path, config, posemb_resample=other)
+  x, _ = jax.jit(DinoV2(config).apply)({"params": params}, images)
+  assert np.abs(np.asarray(x) - to_numpy(ref.last_hidden_state)).max() > 1e-3
+
+
+def test_timm_dinov2_at_another_resolution(tmp_path):
+  torch.manual_seed(6)
+  model = timm.create_model("vit_large_patch14_reg4_dinov2", pretrained=False, img_size=IMAGE,
+                            patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+                            init_values=0.5, num_classes=0, dynamic_img_size=True)
+  model = _perturb(model, 6)
+  path = _save_state_dict(model, str(tmp_path / "timm.safetensors"))
+  for size in (42, 21):
+    config = _reg4_config(image_size=size)
+    images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+      ref = model.forward_features(_torch_input(images))
+    x, _ = jax.jit(DinoV2(config).apply)({"params": dinov2_weights.load_timm_dinov2(path, config)},
+                                         images)
+    _close(x, to_numpy(ref), f"encoded at {size} px")

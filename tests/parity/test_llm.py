@@ -7,6 +7,8 @@ The big_vision npz path is checked with an npz written from the HF Gemma weights
 independent numpy re-layout in this file.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,18 @@ def test_logits_and_hidden_states_match_hf(hf_models, family, scan):
     want = out["hidden"][k] if k == depth else hf_hidden[k]
     assert captured["captured"].shape == (2, count, config.width)
     assert _max_err(captured["captured"], np.asarray(want)[:, start:start + count]) < TOL, k
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_config_from_hf_gives_parity(hf_models, family):
+  """`config_from_hf` reads config.json into our config; its logits equal transformers'."""
+  hf_model, directory = hf_models[family]
+  config = llm_weights.config_from_hf(directory, scan=True)
+  want = _our_config(hf_model, family, scan=True)
+  assert dataclasses.replace(config, head_dim=config.effective_head_dim) == want
+  tokens = _tokens(seed=5)
+  logits, _ = _run(config, llm_weights.load_hf_llm(directory, config), tokens)
+  assert _max_err(logits, _hf_outputs(hf_model, tokens)[0]) < TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])

@@ -4,6 +4,7 @@ Random tiny PyTorch models are saved to real safetensors files, loaded through o
 loaders (scanned and looped), and every intermediate is compared in float32.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -179,3 +180,45 @@ def test_timm_truncated_tower(timm_tower, scan, final_norm):
     load_params(source, rules, expected)
   with pytest.raises(CheckpointError, match=r"unexpected.*blocks\.2\."):
     load_params(source, rules, expected, ignore=[p for p in ignore if "blocks" not in p])
+
+
+# ----------------------------------------------------------------------------- resolution
+def _max_error(ours, theirs) -> float:
+  return float(np.max(np.abs(np.asarray(ours, np.float32) - to_numpy(theirs))))
+
+
+@pytest.mark.parametrize("size", [48, 24], ids=["up_6x6", "down_3x3"])
+def test_hf_siglip_at_another_resolution(hf_tower, size):
+  """A 32 px (4x4) checkpoint run at `size` px: ours, built by `config_from_hf` and loaded
+  with transformers' own resampling, equals `interpolate_pos_encoding=True`."""
+  path, _, _ = hf_tower
+  model = SiglipVisionModel.from_pretrained(path).eval()
+  images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+  with torch.no_grad():
+    ref = model(pixel_values=images, interpolate_pos_encoding=True)
+  config = siglip.config_from_hf(str(path), image_size=size)
+  assert config == dataclasses.replace(_hf_config(scan=False), image_size=size)
+  _, out = _run(config, siglip.load_hf_siglip(str(path), config), images)
+  _assert_close(out["encoded"], ref.last_hidden_state, "encoded")
+  _assert_close(out["pre_logits"], ref.pooler_output, "pre_logits")
+  # big_vision's resampling is measurably another function (what we did before).
+  params = siglip.load_hf_siglip(str(path), config, posemb_resample="bilinear_align_corners")
+  assert _max_error(_run(config, params, images)[1]["encoded"], ref.last_hidden_state) > 1e-3
+
+
+def test_timm_siglip_at_another_resolution(tmp_path):
+  """timm resamples with antialiased bicubic (`dynamic_img_size`); so do we for timm."""
+  torch.manual_seed(3)
+  model = timm.create_model("vit_so400m_patch14_siglip_224", pretrained=False, img_size=42,
+                            embed_dim=32, depth=2, num_heads=4, mlp_ratio=2, num_classes=0,
+                            dynamic_img_size=True).eval()
+  _randomize(model)
+  path = str(tmp_path / "model.safetensors")
+  safetensors.torch.save_file(model.state_dict(), path)
+  for size in (70, 28):  # 3x3 -> 5x5 and -> 2x2 patches
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+      ref = model.forward_features(images)
+    config = _timm_config(depth=2, image_size=size)
+    _, out = _run(config, siglip.load_timm_siglip(path, config), images)
+    _assert_close(out["encoded"], ref, f"encoded at {size} px")

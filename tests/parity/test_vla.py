@@ -149,6 +149,9 @@ def test_paligemma_matches_transformers(tmp_path, layout, scan):
     model.save_pretrained(tmp_path)
     path = tmp_path
   config = _our_paligemma_config(scan)
+  if layout == "save_pretrained":  # beside a config.json: build ours from it
+    config = vla_weights.paligemma_config_from_hf(str(path), scan=scan)
+    assert (config.llm.width, config.siglip.width, config.image_size) == (48, 32, 28)
   params = vla_weights.load_hf_paligemma(str(path), config)
 
   n = config.num_visual_tokens

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import CheckpointError
+from vla_jax.weights import hf_config
 from vla_jax.weights.npz import flatten, unflatten
 
 _SHOW = 12
@@ -151,7 +152,8 @@ def check_rules(source: Mapping[str, Any], rules: Sequence[Rule], expected: Mapp
 
 def load_params(source: Mapping[str, Any], rules: Sequence[Rule], expected: Any, *,
                 ignore: Sequence[str] = (), shardings: Any = None,
-                source_name: str = "checkpoint") -> Dict[str, Any]:
+                source_name: str = "checkpoint", config_problems: Sequence[str] = (),
+                config_file: str = "config.json") -> Dict[str, Any]:
   """Builds the params pytree from `source` following `rules`; validates first.
 
   Args:
@@ -162,11 +164,22 @@ def load_params(source: Mapping[str, Any], rules: Sequence[Rule], expected: Any,
     ignore: regexes of checkpoint names that are deliberately not loaded.
     shardings: optional pytree like `expected` of `jax.sharding.Sharding`; each tensor
       is then assembled shard by shard with `jax.make_array_from_callback`.
+    config_problems: what the checkpoint's `config_file` sets that the model does not
+      compute (`hf_config`); reported, with any name/shape mismatch, in one error.
   Returns:
     Nested dict of `jax.Array`s shaped like `expected`.
   """
   flat_expected = flatten(expected)
-  check_rules(source, rules, flat_expected, ignore, source_name)
+  header = (hf_config.checkpoint_problems(config_problems, source_name, config_file)
+            if config_problems else "")
+  try:
+    check_rules(source, rules, flat_expected, ignore, source_name)
+  except CheckpointError as e:
+    if header:
+      raise CheckpointError(f"{header}\n{e}") from None
+    raise
+  if header:
+    raise CheckpointError(header)
   flat_shardings = flatten(shardings) if shardings is not None else {}
   out = {}
   for rule in rules:

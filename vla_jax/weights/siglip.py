@@ -11,7 +11,12 @@ Three published layouts map onto the one big_vision-named parameter tree:
   `attn_pool`). OpenVLA builds its tower with one block fewer than the checkpoint and
   reads that last block's output un-normalised; `timm_siglip_unused` names the tensors
   such a truncated config deliberately leaves behind.
-A position embedding stored for another grid is resampled bilinearly at load (logged).
+A position embedding stored for another grid is resampled once, at load (logged), by the
+checkpoint's own framework's method (`vla_jax.models.posemb_resample`): big_vision's
+corner-aligned bilinear for `.npz`, transformers' bicubic for HF, timm's antialiased
+bicubic for timm; `posemb_resample=` overrides it.
+The HF loader reads `config.json` and refuses settings our ViT does not compute
+(`siglip_config_problems`); `config_from_hf` builds the matching `ViTConfig`.
 Every loader validates names and shapes through `mapping.load_params` before reading data.
 """
 
@@ -22,8 +27,9 @@ import numpy as np
 from absl import logging
 
 from vla_jax.errors import CheckpointError
+from vla_jax.models import posemb_resample as resample_lib
 from vla_jax.models.vit import ViTConfig, abstract_params, resample_posemb
-from vla_jax.weights import npz
+from vla_jax.weights import hf_config, npz
 from vla_jax.weights.mapping import Rule, conv2d, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
@@ -62,8 +68,9 @@ def _out_kernel(config: ViTConfig):
   return lambda w: linear(w).reshape(config.num_heads, config.head_dim, w.shape[0])
 
 
-def _posemb_transform(config: ViTConfig, add_batch_axis: bool = False):
-  """Checkpoint position embedding -> [1, grid**2, D], resampled if its grid differs."""
+def _posemb_transform(config: ViTConfig, method: str, add_batch_axis: bool = False):
+  """Checkpoint position embedding -> [1, grid**2, D], resampled by `method` if its grid
+  differs."""
   def transform(posemb):
     if add_batch_axis:
       posemb = posemb[None]
@@ -72,15 +79,15 @@ def _posemb_transform(config: ViTConfig, add_batch_axis: bool = False):
     side = int(round(np.sqrt(posemb.shape[1])))
     if side * side != posemb.shape[1]:
       return posemb  # not a square grid: reported as mis-shaped.
-    return np.asarray(resample_posemb(posemb, config.grid_size))
+    return np.asarray(resample_posemb(posemb, config.grid_size, method))
   return transform
 
 
-def _log_posemb(num_stored: int, config: ViTConfig, source: str) -> None:
+def _log_posemb(num_stored: int, config: ViTConfig, source: str, method: str) -> None:
   if config.posemb == "learn" and num_stored != config.num_patches:
     side = int(round(np.sqrt(num_stored)))
     logging.info("SigLIP: resampling pos_embedding of %s from a %dx%d to a %dx%d grid "
-                 "(bilinear).", source, side, side, config.grid_size, config.grid_size)
+                 "(%s).", source, side, side, config.grid_size, config.grid_size, method)
 
 
 def _block_rules(config: ViTConfig, block_entries: Callable[[int], Sequence[_Entry]]
@@ -141,12 +148,13 @@ def _take_layer(index: int, depth: int):
   return transform
 
 
-def big_vision_rules(config: ViTConfig, *, checkpoint_scanned: bool,
-                     prefix: str = "") -> List[Rule]:
+def big_vision_rules(config: ViTConfig, *, checkpoint_scanned: bool, prefix: str = "",
+                     posemb_resample: str = "bilinear_align_corners") -> List[Rule]:
   """Rules from a big_vision checkpoint (flat `/` names under `prefix`) to `ViT(config)`.
 
   Converts between scanned and looped layouts when the checkpoint's (`checkpoint_scanned`)
-  differs from `config.scan`, and resamples `pos_embedding` to the config's grid.
+  differs from `config.scan`, and resamples `pos_embedding` to the config's grid
+  (big_vision's method unless `posemb_resample` says otherwise).
   """
   rules = []
   for target in npz.flatten(abstract_params(config)):
@@ -161,18 +169,22 @@ def big_vision_rules(config: ViTConfig, *, checkpoint_scanned: bool,
       rules.append(stacked(target, [f"{prefix}Transformer/encoderblock_{i}/{rest}"
                                     for i in range(config.depth)]))
     elif target == "pos_embedding":
-      rules.append(Rule.copy(target, prefix + target, _posemb_transform(config)))
+      rules.append(Rule.copy(target, prefix + target,
+                             _posemb_transform(config, posemb_resample)))
     else:
       rules.append(Rule.copy(target, prefix + target))
   return rules
 
 
-def load_big_vision(path: str, config: ViTConfig, *, shardings: Any = None) -> Mapping[str, Any]:
+def load_big_vision(path: str, config: ViTConfig, *, posemb_resample: Optional[str] = None,
+                    shardings: Any = None) -> Mapping[str, Any]:
   """Loads a big_vision `.npz` (or `file.npz:subtree`) into params for `ViT(config)`.
 
   Args:
     path: `.npz` file, optionally with `:subtree` (e.g. `pg.npz:img`).
     config: the model config; its `scan` picks the returned layout.
+    posemb_resample: how to resample a position embedding stored for another grid
+      (default: big_vision's, "bilinear_align_corners").
     shardings: optional pytree of `jax.sharding.Sharding` like the params.
   Returns:
     Nested dict of float32 `jax.Array`s.
@@ -186,9 +198,11 @@ def load_big_vision(path: str, config: ViTConfig, *, shardings: Any = None) -> M
           f"{path} holds no ViT at its top level; ViT params sit under {roots}. Load a "
           f"subtree with '{npz.split_subtree(path)[0]}:{roots[0]}'.")
   checkpoint_scanned = any(k.startswith("Transformer/encoderblock/") for k in source)
+  method = resample_lib.check_method(posemb_resample or "bilinear_align_corners")
   if "pos_embedding" in source and np.ndim(source["pos_embedding"]) == 3:
-    _log_posemb(source["pos_embedding"].shape[1], config, path)
-  rules = big_vision_rules(config, checkpoint_scanned=checkpoint_scanned)
+    _log_posemb(source["pos_embedding"].shape[1], config, path, method)
+  rules = big_vision_rules(config, checkpoint_scanned=checkpoint_scanned,
+                           posemb_resample=method)
   return load_params(source, rules, abstract_params(config), shardings=shardings,
                      source_name=f"big_vision checkpoint {path}")
 
@@ -201,19 +215,21 @@ def save_big_vision(path: str, params: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 # HuggingFace SiglipVisionModel / SiglipModel
 # ---------------------------------------------------------------------------
-def hf_siglip_rules(config: ViTConfig, prefix: str = "vision_model.") -> List[Rule]:
+def hf_siglip_rules(config: ViTConfig, prefix: str = "vision_model.",
+                    posemb_resample: str = "bicubic") -> List[Rule]:
   """Rules from HF SigLIP vision keys (`{prefix}embeddings...`) to `ViT(config)` params.
 
-  Covers the patch and position embeddings, the blocks (looped or stacked per
-  `config.scan`), `post_layernorm` (if `config.final_norm`) and the MAP `head` (if
-  `config.pool_type == "map"`).
+  Covers the patch and position embeddings (resampled to the config's grid as
+  transformers' `interpolate_pos_encoding` does, unless `posemb_resample` says
+  otherwise), the blocks (looped or stacked per `config.scan`), `post_layernorm` (if
+  `config.final_norm`) and the MAP `head` (if `config.pool_type == "map"`).
   """
   p = prefix
   entries = [("embedding/kernel", f"{p}embeddings.patch_embedding.weight", conv2d),
              ("embedding/bias", f"{p}embeddings.patch_embedding.bias", None)]
   if config.posemb == "learn":
     entries.append(("pos_embedding", f"{p}embeddings.position_embedding.weight",
-                    _posemb_transform(config, add_batch_axis=True)))
+                    _posemb_transform(config, posemb_resample, add_batch_axis=True)))
   if config.final_norm:
     entries += _norm("Transformer/encoder_norm", f"{p}post_layernorm")
   if config.pool_type == "map":
@@ -247,16 +263,117 @@ def hf_siglip_unused(config: ViTConfig, prefix: str = "vision_model.") -> List[s
   return unused
 
 
-def load_hf_siglip(path: str, config: ViTConfig, *, shardings: Any = None) -> Mapping[str, Any]:
+# transformers' SiglipVisionConfig defaults, for fields a config.json omits.
+SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, num_channels=3, image_size=224,
+                              patch_size=16, hidden_act="gelu_pytorch_tanh",
+                              layer_norm_eps=1e-6, vision_use_head=True)
+_VISION_TYPES = ("siglip_vision_model", "siglip2_vision_model", "clip_vision_model")
+
+
+def vision_section(hf: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+  """The SigLIP vision config inside a config.json (itself, or a SiglipModel's or
+  PaliGemma's `vision_config`)."""
+  return hf_config.section(hf, "vision_config", _VISION_TYPES)
+
+
+def siglip_config_problems(hf: Mapping[str, Any], config: ViTConfig, where: str) -> List[str]:
+  """Every setting of a HF SigLIP vision config (section) that `ViT(config)` does not compute.
+
+  The checkpoint's `image_size` is not one of them: a position embedding for another
+  grid is resampled at load.
+  """
+  check = hf_config.ConfigCheck(hf, where, SIGLIP_VISION_DEFAULTS)
+  model_type = hf.get("model_type", "siglip_vision_model")
+  if model_type != "siglip_vision_model":
+    check.refuse("model_type", model_type, "SigLIP ('siglip_vision_model'; SigLIP 2's "
+                 "NaFlex patching and CLIP's pre-norm are not)", "Use a SigLIP checkpoint.")
+    return check.problems
+  act = check.get("hidden_act")
+  if act in hf_config.TANH_GELU or act == "gelu":
+    check.equal("hidden_act", "vit.gelu_approximate", config.gelu_approximate,
+                convert=lambda a: a != "gelu")
+  else:
+    check.refuse("hidden_act", act, "GELU, exact ('gelu', vit.gelu_approximate=False) or "
+                 "tanh-approximated ('gelu_pytorch_tanh', True)",
+                 "Use a checkpoint with one of those activations.")
+  check.equal("layer_norm_eps", "vit.layernorm_eps", config.layernorm_eps, rtol=1e-3)
+  for key, ours_name, ours in (("hidden_size", "vit.width", config.width),
+                               ("intermediate_size", "vit.mlp_dim", config.mlp_width),
+                               ("num_hidden_layers", "vit.depth", config.depth),
+                               ("num_attention_heads", "vit.num_heads", config.num_heads),
+                               ("patch_size", "vit.patch_size", config.patch_size),
+                               ("num_channels", "vit.channels", config.channels)):
+    check.equal(key, ours_name, ours)
+  if config.posemb != "learn":
+    check.differs("position_embedding", "learned", "vit.posemb", config.posemb)
+  if config.pool_type == "map" and not check.get("vision_use_head"):
+    check.differs("vision_use_head", False, "vit.pool_type", config.pool_type,
+                  "The checkpoint has no MAP head: set vit.pool_type='none' (or 'gap').")
+  return check.problems
+
+
+def _hf_vision_problems(path: str, config: ViTConfig) -> Tuple[List[str], str]:
+  hf, where = hf_config.read_config(path)
+  if hf is None:
+    hf_config.warn_unchecked(path, "SigLIP")
+    return [], where
+  section = vision_section(hf)
+  if section is None:
+    return [f"{where}: model_type={hf.get('model_type')!r} holds no SigLIP vision config "
+            "(model_type 'siglip_vision_model', or a vision_config); is this the right "
+            "checkpoint?"], where
+  name = "config.json" if section is hf else "config.json vision_config"
+  return siglip_config_problems(section, config, name), where
+
+
+def config_from_hf(path: str, image_size: Optional[int] = None, **overrides: Any) -> ViTConfig:
+  """The `ViTConfig` of a HF SigLIP vision tower (a SiglipVisionModel, SiglipModel or
+  PaliGemma checkpoint directory).
+
+  Args:
+    path: the checkpoint directory (or a file beside its config.json).
+    image_size: the resolution to run at (default: the checkpoint's; another one
+      resamples the position embedding at load).
+    overrides: our settings HF does not fix (scan, remat, dtype, pool_type, ...).
+  """
+  hf, where = hf_config.read_config(path)
+  section = vision_section(hf or {})
+  if section is None:
+    raise CheckpointError(f"config_from_hf needs a SigLIP config.json; {where} "
+                          f"{'does not exist' if hf is None else 'holds none'}.")
+  check = hf_config.ConfigCheck(section, where, SIGLIP_VISION_DEFAULTS)
+  fields = dict(
+      width=check.get("hidden_size"), depth=check.get("num_hidden_layers"),
+      mlp_dim=check.get("intermediate_size"), num_heads=check.get("num_attention_heads"),
+      patch_size=check.get("patch_size"), channels=check.get("num_channels"),
+      image_size=image_size or check.get("image_size"), posemb="learn",
+      pool_type="map" if check.get("vision_use_head") else "none",
+      gelu_approximate=check.get("hidden_act") != "gelu",
+      layernorm_eps=float(check.get("layer_norm_eps")))
+  config = ViTConfig(**{**fields, **overrides})
+  hf_config.raise_problems(siglip_config_problems(section, config, where), path, where)
+  return config
+
+
+def load_hf_siglip(path: str, config: ViTConfig, *, posemb_resample: Optional[str] = None,
+                   shardings: Any = None) -> Mapping[str, Any]:
   """Loads a HF `SiglipVisionModel` or `SiglipModel` safetensors checkpoint.
 
   Args:
     path: a `save_pretrained` directory, a `.safetensors` file or an index json.
-    config: the model config (HF SigLIP uses tanh-GELU: `gelu_approximate=True`).
+    config: the model config (HF SigLIP uses tanh-GELU: `gelu_approximate=True`;
+      `config_from_hf(path)` builds it). The checkpoint's config.json is checked against
+      it (`siglip_config_problems`).
+    posemb_resample: how to resample a position embedding stored for another grid
+      (default: transformers' `interpolate_pos_encoding`, "bicubic").
     shardings: optional pytree of `jax.sharding.Sharding` like the params.
   Returns:
     Nested dict of float32 `jax.Array`s for `ViT(config)`.
+  Raises:
+    CheckpointError: names or shapes differ, or config.json sets what we do not compute.
   """
+  problems, where = _hf_vision_problems(path, config)
   source = open_safetensors(path)
   names = list(source.keys())
   # transformers >= 5 saves SiglipVisionModel without the `vision_model.` prefix.
@@ -265,29 +382,34 @@ def load_hf_siglip(path: str, config: ViTConfig, *, shardings: Any = None) -> Ma
   if prefix and any(n.startswith("text_model.") for n in names):
     logging.info("SigLIP: %s is a full SiglipModel; ignoring its text tower.", path)
     ignore += [r"text_model\..*", "logit_scale", "logit_bias"]
+  method = resample_lib.check_method(posemb_resample or "bicubic")
   posemb = f"{prefix}embeddings.position_embedding.weight"
   if posemb in source and len(source.shape(posemb)) == 2:
-    _log_posemb(source.shape(posemb)[0], config, path)
-  return load_params(source, hf_siglip_rules(config, prefix), abstract_params(config),
+    _log_posemb(source.shape(posemb)[0], config, path, method)
+  return load_params(source, hf_siglip_rules(config, prefix, method), abstract_params(config),
                      ignore=ignore, shardings=shardings,
-                     source_name=f"HF SigLIP checkpoint {path}")
+                     source_name=f"HF SigLIP checkpoint {path}", config_problems=problems,
+                     config_file=where)
 
 
 # ---------------------------------------------------------------------------
 # timm vit_*_siglip_*
 # ---------------------------------------------------------------------------
-def timm_siglip_rules(config: ViTConfig, prefix: str = "") -> List[Rule]:
+def timm_siglip_rules(config: ViTConfig, prefix: str = "",
+                      posemb_resample: str = "bicubic_antialias") -> List[Rule]:
   """Rules from timm SigLIP keys (`{prefix}blocks.{i}...`) to `ViT(config)` params.
 
   Only blocks < `config.depth` are read; `norm` feeds `encoder_norm` (if
   `config.final_norm`) and `attn_pool` the MAP head (if `config.pool_type == "map"`).
-  timm uses exact GELU: build the config with `gelu_approximate=False`.
+  timm uses exact GELU: build the config with `gelu_approximate=False`. A position
+  embedding for another grid is resampled as timm's `resample_abs_pos_embed` does
+  (antialiased bicubic) unless `posemb_resample` says otherwise.
   """
   p = prefix
   entries = [("embedding/kernel", f"{p}patch_embed.proj.weight", conv2d),
              ("embedding/bias", f"{p}patch_embed.proj.bias", None)]
   if config.posemb == "learn":
-    entries.append(("pos_embedding", f"{p}pos_embed", _posemb_transform(config)))
+    entries.append(("pos_embedding", f"{p}pos_embed", _posemb_transform(config, posemb_resample)))
   if config.final_norm:
     entries += _norm("Transformer/encoder_norm", f"{p}norm")
   if config.pool_type == "map":
@@ -332,6 +454,7 @@ def timm_siglip_unused(config: ViTConfig, checkpoint_depth: int, prefix: str = "
 
 
 def load_timm_siglip(path: str, config: ViTConfig, *, prefix: str = "",
+                     posemb_resample: Optional[str] = None,
                      shardings: Any = None) -> Mapping[str, Any]:
   """Loads a timm SigLIP `state_dict` saved as safetensors, possibly truncating blocks.
 
@@ -339,10 +462,21 @@ def load_timm_siglip(path: str, config: ViTConfig, *, prefix: str = "",
     path: `.safetensors` file (or directory / index json).
     config: the model config; `depth` may be smaller than the checkpoint's.
     prefix: prefix of the tower's keys in the file (e.g. a VLA checkpoint's).
+    posemb_resample: how to resample a position embedding stored for another grid
+      (default: timm's, "bicubic_antialias").
     shardings: optional pytree of `jax.sharding.Sharding` like the params.
   Returns:
     Nested dict of float32 `jax.Array`s for `ViT(config)`.
   """
+  problems = hf_config.timm_config_problems(path, "siglip", {
+      "embed_dim": ("vit.width", config.width), "num_heads": ("vit.num_heads", config.num_heads),
+      "patch_size": ("vit.patch_size", config.patch_size),
+      "depth": ("vit.depth", None), "global_pool": ("vit.pool_type", None),
+      "mlp_ratio": ("vit.mlp_dim", config.mlp_width, lambda r: int(config.width * r)),
+      "act_layer": ("vit.gelu_approximate", config.gelu_approximate,
+                    lambda a: {"gelu": False, "gelu_tanh": True}.get(a, a)),
+      "class_token": ("a class token (never, in our SigLIP)", False),
+  })
   source = open_safetensors(path)
   pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
   found = {int(m.group(1)) for m in map(pattern.match, source.keys()) if m}
@@ -350,9 +484,11 @@ def load_timm_siglip(path: str, config: ViTConfig, *, prefix: str = "",
   if checkpoint_depth > config.depth:
     logging.info("SigLIP: keeping %d of the %d blocks of %s.", config.depth, checkpoint_depth,
                  path)
+  method = resample_lib.check_method(posemb_resample or "bicubic_antialias")
   posemb = f"{prefix}pos_embed"
   if posemb in source and len(source.shape(posemb)) == 3:
-    _log_posemb(source.shape(posemb)[1], config, path)
-  return load_params(source, timm_siglip_rules(config, prefix), abstract_params(config),
+    _log_posemb(source.shape(posemb)[1], config, path, method)
+  return load_params(source, timm_siglip_rules(config, prefix, method), abstract_params(config),
                      ignore=timm_siglip_unused(config, checkpoint_depth, prefix),
-                     shardings=shardings, source_name=f"timm SigLIP checkpoint {path}")
+                     shardings=shardings, source_name=f"timm SigLIP checkpoint {path}",
+                     config_problems=problems, config_file=hf_config.config_path(path))

@@ -15,11 +15,16 @@
 
 Each composes the per-family rules (`siglip.py`, `dinov2.py`, `llm.py`) under the
 student's parameter names (`siglip/`, `dino/`, `projector/`, `llm/`) and validates the
-whole checkpoint at once.
+whole checkpoint at once. The HF loaders first check the checkpoint's `config.json`
+(`openvla_config_problems`, `paligemma_config_problems`) and refuse settings the student
+does not compute; `paligemma_config_from_hf` builds the matching config. Position
+embeddings for another resolution are resampled as the checkpoint's framework does:
+timm's antialiased bicubic (OpenVLA's towers), transformers' bicubic (HF PaliGemma),
+big_vision's corner-aligned bilinear (`.npz`).
 """
 
 import re
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -27,6 +32,7 @@ import numpy as np
 from vla_jax.errors import CheckpointError
 from vla_jax.models.vla import VLA, VLAConfig, dummy_inputs
 from vla_jax.weights import dinov2 as dinov2_weights
+from vla_jax.weights import hf_config
 from vla_jax.weights import llm as llm_weights
 from vla_jax.weights import siglip as siglip_weights
 from vla_jax.weights.mapping import Rule, linear, load_params, nest
@@ -79,6 +85,58 @@ def openvla_rules(config: VLAConfig, names) -> Tuple[List[Rule], List[str]]:
   return rules, ignore
 
 
+def openvla_config_problems(hf: Mapping[str, Any], config: VLAConfig, where: str
+                            ) -> List[str]:
+  """Every setting of an OpenVLA (Prismatic) config.json that `VLA(config)` does not compute.
+
+  Its `text_config` is partial (Prismatic takes the LLM's settings from the Llama it was
+  trained from, `hf_llm_id`), so only the fields it states are checked. `image_sizes`
+  other than ours are not a problem: the towers' position embeddings are resampled.
+  """
+  check = hf_config.ConfigCheck(hf, where)
+  if hf.get("model_type", "openvla") != "openvla":
+    check.refuse("model_type", hf["model_type"], "OpenVLA ('openvla')",
+                 "Use load_hf_paligemma for PaliGemma, or an OpenVLA checkpoint.")
+    return check.problems
+  fused = config.dino is not None
+  check.equal("use_fused_vision_backbone", "model.dino (None = SigLIP only)", fused,
+              convert=bool)
+  overrides = [a for a in hf.get("timm_override_act_layers") or [] if a is not None]
+  if overrides:
+    check.refuse("timm_override_act_layers", hf["timm_override_act_layers"],
+                 "the towers' own activations (all null)", "Use a checkpoint whose towers "
+                 "keep timm's activations (CLIP's quick_gelu is not implemented).")
+  ids = list(hf.get("timm_model_ids") or [])
+  if ids:
+    wanted = ["dinov2", "siglip"] if fused else ["siglip"]
+    if len(ids) != len(wanted) or any(w not in i for w, i in zip(wanted, ids)):
+      check.refuse("timm_model_ids", ids, f"towers {wanted} (DINOv2 + SigLIP fused, or "
+                   "SigLIP alone)", "Use an OpenVLA checkpoint with those towers, or set "
+                   "model.dino to match.")
+  arch = hf.get("arch_specifier")
+  if arch is not None:
+    projector = "fused-gelu-mlp" if fused else "gelu-mlp"
+    if not str(arch).endswith(projector) or (not fused and "fused" in str(arch)):
+      check.refuse("arch_specifier", arch, f"Prismatic's '{projector}' projector for this "
+                   "config", "Use a checkpoint with that projector (linear projectors are "
+                   "not implemented).")
+  text = hf.get("text_config")
+  if isinstance(text, Mapping):
+    check.problems += llm_weights.llm_config_problems(
+        {"model_type": "llama", **text}, config.llm, f"{where} text_config",
+        with_defaults=False, causal=False)
+  return check.problems
+
+
+def _config_problems(path: str, config: VLAConfig, problems_fn, what: str
+                     ) -> Tuple[List[str], str]:
+  hf, where = hf_config.read_config(path)
+  if hf is None:
+    hf_config.warn_unchecked(path, what)
+    return [], where
+  return problems_fn(hf, config, "config.json"), where
+
+
 def load_hf_openvla(path: str, config: VLAConfig, *, shardings: Any = None) -> Any:
   """Loads an OpenVLA checkpoint (safetensors file, index json or directory).
 
@@ -91,10 +149,12 @@ def load_hf_openvla(path: str, config: VLAConfig, *, shardings: Any = None) -> A
   """
   if config.arch != "openvla":
     raise CheckpointError(f"load_hf_openvla needs an arch='openvla' config, got {config.arch!r}.")
+  problems, where = _config_problems(path, config, openvla_config_problems, "OpenVLA")
   source = open_safetensors(path)
   rules, ignore = openvla_rules(config, source.keys())
   return load_params(source, rules, abstract_params(config), ignore=ignore, shardings=shardings,
-                     source_name=f"OpenVLA checkpoint {path}")
+                     source_name=f"OpenVLA checkpoint {path}", config_problems=problems,
+                     config_file=where)
 
 
 def _first_prefix(names, candidates, probe: str) -> str:
@@ -103,7 +163,8 @@ def _first_prefix(names, candidates, probe: str) -> str:
   return next((p for p in candidates if p + probe in names), None)
 
 
-def paligemma_rules(config: VLAConfig, names) -> Tuple[List[Rule], List[str]]:
+def paligemma_rules(config: VLAConfig, names, posemb_resample: str = "bicubic"
+                    ) -> Tuple[List[Rule], List[str]]:
   """(rules, unused regexes) for HF PaliGemma in any of its key layouts.
 
   The hub's (`vision_tower.vision_model.*`, `language_model.model.*`), what
@@ -123,7 +184,7 @@ def paligemma_rules(config: VLAConfig, names) -> Tuple[List[Rule], List[str]]:
         "Not a PaliGemma checkpoint: expected a SigLIP tower (vision_tower.[vision_model.]"
         "embeddings.*), a multi_modal_projector.linear and a Gemma (language_model.[model.]"
         f"embed_tokens); found {len(names)} tensors starting with {sorted(names)[:4]}.")
-  rules = nest("siglip/", siglip_weights.hf_siglip_rules(config.siglip, vision))
+  rules = nest("siglip/", siglip_weights.hf_siglip_rules(config.siglip, vision, posemb_resample))
   rules += _dense_rules("projector/linear", projector + "linear")
   rules += nest("llm/", llm_weights.hf_llm_rules(config.llm, lm))
   ignore = siglip_weights.hf_siglip_unused(config.siglip, vision)
@@ -132,27 +193,72 @@ def paligemma_rules(config: VLAConfig, names) -> Tuple[List[Rule], List[str]]:
   return rules, ignore
 
 
-def load_hf_paligemma(path: str, config: VLAConfig, *, shardings: Any = None) -> Any:
-  """Loads a HF `PaliGemmaForConditionalGeneration` checkpoint into `VLA(config)` params."""
+def paligemma_config_problems(hf: Mapping[str, Any], config: VLAConfig, where: str
+                              ) -> List[str]:
+  """Every setting of a HF PaliGemma config.json that `VLA(config)` does not compute: its
+  `text_config` against `config.llm`, its `vision_config` against `config.siglip`."""
+  if hf.get("model_type") != "paligemma":
+    check = hf_config.ConfigCheck(hf, where)
+    check.refuse("model_type", hf.get("model_type"), "PaliGemma 1 ('paligemma')",
+                 "Use load_hf_openvla for OpenVLA, or a PaliGemma checkpoint.")
+    return check.problems
+  text = {"model_type": "gemma", **(hf.get("text_config") or {})}
+  vision = {"model_type": "siglip_vision_model", **(hf.get("vision_config") or {})}
+  return (llm_weights.llm_config_problems(text, config.llm, f"{where} text_config",
+                                          causal=False) +
+          siglip_weights.siglip_config_problems(vision, config.siglip,
+                                                f"{where} vision_config"))
+
+
+def paligemma_config_from_hf(path: str, image_size: Optional[int] = None,
+                             scan: bool = False) -> VLAConfig:
+  """The `VLAConfig` of a HF PaliGemma checkpoint (SigLIP without head, final norm kept).
+
+  Args:
+    path: the checkpoint directory (or a file beside its config.json).
+    image_size: the resolution to run at (default: the checkpoint's; another one
+      resamples the position embedding at load, as transformers does).
+    scan: scan the LLM's and the tower's layers.
+  """
+  llm = llm_weights.config_from_hf(path, scan=scan)
+  siglip = siglip_weights.config_from_hf(path, image_size, pool_type="none", scan=scan)
+  return VLAConfig("paligemma", llm, siglip, None, siglip.image_size)
+
+
+def load_hf_paligemma(path: str, config: VLAConfig, *, posemb_resample: Optional[str] = None,
+                      shardings: Any = None) -> Any:
+  """Loads a HF `PaliGemmaForConditionalGeneration` checkpoint into `VLA(config)` params.
+
+  The config.json beside it is checked first (`paligemma_config_problems`); a SigLIP
+  position embedding for another resolution is resampled as transformers does
+  ("bicubic") unless `posemb_resample` says otherwise.
+  """
   if config.arch != "paligemma":
     raise CheckpointError("load_hf_paligemma needs an arch='paligemma' config, got "
                           f"{config.arch!r}.")
+  problems, where = _config_problems(path, config, paligemma_config_problems, "PaliGemma")
   source = open_safetensors(path)
-  rules, ignore = paligemma_rules(config, source.keys())
+  rules, ignore = paligemma_rules(config, source.keys(), posemb_resample or "bicubic")
   return load_params(source, rules, abstract_params(config), ignore=ignore, shardings=shardings,
-                     source_name=f"PaliGemma checkpoint {path}")
+                     source_name=f"PaliGemma checkpoint {path}", config_problems=problems,
+                     config_file=where)
 
 
-def load_big_vision_paligemma(path: str, config: VLAConfig, *, shardings: Any = None) -> Any:
-  """Loads big_vision's PaliGemma `.npz` (`[params/]img/...`, `[params/]llm/...`)."""
+def load_big_vision_paligemma(path: str, config: VLAConfig, *,
+                              posemb_resample: Optional[str] = None,
+                              shardings: Any = None) -> Any:
+  """Loads big_vision's PaliGemma `.npz` (`[params/]img/...`, `[params/]llm/...`); a
+  position embedding for another resolution is resampled as big_vision does
+  ("bilinear_align_corners") unless `posemb_resample` says otherwise."""
   if config.arch != "paligemma":
     raise CheckpointError("load_big_vision_paligemma needs an arch='paligemma' config.")
   source: Mapping[str, np.ndarray] = load_npz(path)
   if any(k.startswith("params/") for k in source):
     source = {k[len("params/"):]: v for k, v in source.items() if k.startswith("params/")}
   scanned = any(k.startswith("img/Transformer/encoderblock/") for k in source)
-  tower = siglip_weights.big_vision_rules(config.siglip, checkpoint_scanned=scanned,
-                                          prefix="img/")
+  tower = siglip_weights.big_vision_rules(
+      config.siglip, checkpoint_scanned=scanned, prefix="img/",
+      posemb_resample=posemb_resample or "bilinear_align_corners")
   rules = nest("siglip/", tower)
   rules += [Rule.copy("projector/linear/kernel", "img/head/kernel"),
             Rule.copy("projector/linear/bias", "img/head/bias")]
