@@ -41,7 +41,15 @@ setup(
             "transformers>=4.46",
             "timm>=1.0.9",
             "safetensors>=0.4",
+            # The policy server's tests (tests/serve): its dependencies and the OpenVLA
+            # REST client. openpi-client pins numpy<2; the tests install it in a venv.
+            "aiohttp>=3.9,<4",
+            "msgpack>=1.0",
+            "json-numpy>=2.1,<3",
+            "requests>=2.28",
         ],
+        # --mode=serve: openpi's websocket protocol and OpenVLA's REST on one aiohttp port.
+        "serve": ["aiohttp>=3.9,<4", "msgpack>=1.0", "json-numpy>=2.1,<3"],
         "hf": ["tokenizers>=0.20"],
         "tpu": ["jax[tpu]>=0.4.35,<0.13"],
         "gpu": ["jax[cuda12]>=0.4.35,<0.13"],

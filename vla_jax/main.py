@@ -23,6 +23,8 @@ Modes (`--mode`):
   attention normalised attention overlays for "Do you see the {object}?" -> WORKDIR/attention/.
   tsne      t-SNE of the object token's embedding -> WORKDIR/tsne/.
   (The analysis modes are documented in vla_jax/eval/commands.py.)
+  serve     serve WORKDIR's checkpoint (or an export dir) on `--host`:`--port` to openpi
+            websocket clients and OpenVLA REST clients (POST /act); see vla_jax/serve/server.py.
 """
 
 import json
@@ -53,7 +55,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where outputs are written.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert", "export",
                                            "eval_sim", "open_loop", "probe", "attention",
-                                           "tsne"], "What to do.")
+                                           "tsne", "serve"], "What to do.")
 _EVAL_SEEDS = flags.DEFINE_integer("eval_seeds", None, "eval_sim: episodes per split.")
 _EVAL_SPLITS = flags.DEFINE_list("eval_splits", None, "eval_sim: split names (default: all "
                                  "OOD splits and VL-Think).")
@@ -63,6 +65,25 @@ _COMPARE = flags.DEFINE_list("compare", [], "eval_sim: NAME=WORKDIR entries to c
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "--mode=export: output directory.")
 _EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", None, ["float32", "bfloat16", "float16"],
                                   "--mode=export: cast the exported params (default: as trained).")
+
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "--mode=serve: address to listen on "
+                            "(0.0.0.0: every interface).")
+_PORT = flags.DEFINE_integer("port", 8000, "--mode=serve: port of both protocols.")
+_SERVE_MAX_BATCH = flags.DEFINE_integer("serve_max_batch", 8, "--mode=serve: most requests "
+                                        "per policy call.")
+_SERVE_MAX_WAIT_MS = flags.DEFINE_float("serve_max_wait_ms", 5.0, "--mode=serve: how long a "
+                                        "request waits for others to batch with.")
+_SERVE_OBS_KEYS = flags.DEFINE_string("serve_obs_keys", "libero", "--mode=serve: openpi "
+                                      "observation keys: libero, droid or "
+                                      "image=KEY,state=KEY[+KEY],prompt=KEY.")
+_SERVE_API_KEY = flags.DEFINE_string("serve_api_key", None, "--mode=serve: required "
+                                     "'Authorization: Api-Key KEY' (default: "
+                                     "$VLA_JAX_API_KEY; unset: no authentication).")
+_SERVE_MAX_REQUEST_MB = flags.DEFINE_float("serve_max_request_mb", 16.0, "--mode=serve: "
+                                           "largest request accepted.")
+_SERVE_UNNORM_KEY = flags.DEFINE_string("serve_unnorm_key", "", "--mode=serve: default "
+                                        "normalisation statistics (default: the run's first "
+                                        "data source).")
 
 _INSTRUCTION = "put the carrot on the plate"
 
@@ -167,6 +188,20 @@ def main(argv):
       out = _EXPORT_DIR.value or os.path.join(workdir, "export")
       print("exported policy:", train_checkpoint.export_latest(
           os.path.join(workdir, "checkpoints"), out, dtype=_EXPORT_DTYPE.value))
+    elif _MODE.value == "serve":
+      try:
+        from vla_jax.serve import inputs, server  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise SystemExit(f"error: --mode=serve needs the serve extra ({e}): "
+                         "pip install -e '.[serve]'") from None
+      server.serve(workdir, server.ServeConfig(
+          host=_HOST.value, port=_PORT.value, max_batch=_SERVE_MAX_BATCH.value,
+          max_wait_ms=_SERVE_MAX_WAIT_MS.value,
+          obs_keys=inputs.observation_keys(_SERVE_OBS_KEYS.value),
+          api_key=_SERVE_API_KEY.value if _SERVE_API_KEY.value is not None else
+          os.environ.get("VLA_JAX_API_KEY", ""),
+          max_request_bytes=int(_SERVE_MAX_REQUEST_MB.value * 2**20),
+          unnorm_key=_SERVE_UNNORM_KEY.value), step=_EVAL_STEP.value)
     elif _MODE.value == "describe":
       summary = describe(config, workdir)
       print(json.dumps(summary, indent=2))
