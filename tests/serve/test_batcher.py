@@ -93,3 +93,17 @@ def test_cancelled_requests_are_skipped():
   assert kept.result(5)[0] == "done kept"
   batcher.close()
   assert "gone" not in sum(infer.batches, [])
+
+
+def test_a_batch_stops_waiting_once_every_connected_client_is_in_it():
+  infer, connected = _Recorder(), [1]
+  batcher = DynamicBatcher(infer, max_batch=8, max_wait_s=5.0, clients=lambda: connected[0])
+  start = time.perf_counter()
+  assert batcher.submit("alone").result(5)[1].batch_size == 1
+  assert time.perf_counter() - start < 2.0  # no 5 s wait with one client connected
+  connected[0] = 2
+  first = batcher.submit("a")
+  time.sleep(0.05)
+  assert batcher.submit("b").result(5)[1].batch_size == 2 and first.result(5)[0] == "done a"
+  assert time.perf_counter() - start < 4.0
+  batcher.close()

@@ -1,16 +1,22 @@
-"""Checkpoints: save/restore, exact resume, stale temporary folders, LoRA-merged export."""
+"""Checkpoints: save/restore, exact resume, stale temporary folders, LoRA-merged export,
+checksums (bit flips, truncated files, fallback to the newest valid step)."""
 
+import logging
 import os
+import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.train.helpers import ACTION_TOKENIZER, _config, make_batch, small_experiment
 from vla_jax.actions import NormStats
 from vla_jax.errors import CheckpointError, ConfigError
+from vla_jax.eval import policy as policy_lib
 from vla_jax.models import lora as lora_lib
 from vla_jax.train import checkpoint as ckpt_lib
+from vla_jax.train import checksums as checksums_lib
 from vla_jax.train import state as state_lib
 from vla_jax.train import step as step_lib
 
@@ -156,3 +162,186 @@ def test_nonfinite_state_is_never_saved(tmp_path):
     ckpt_lib.save(manager, 2, bad, {"w": np.ones(2)}, assets, {})
   assert list(manager.all_steps()) == [1]
   manager.close()
+
+
+# ----------------------------------------------------------------------------- corruption
+def _read_item(item_dir):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.tree.leaves(jax.device_get(checkpointer.restore(os.fspath(item_dir))))
+
+
+def damage(item_dir, how):
+  """Damages a data file of an Orbax item folder (e.g. STEP/train_state) like a disk would.
+
+  "flip": one bit, where plain Orbax still reads the item without error but with other
+  values (bit rot inside an array's compressed bytes); "truncate": a data file cut to half
+  its size (a partial copy, a full disk) where plain Orbax fails to read the item (OCDBT
+  files may end in stale B-tree nodes nobody reads, so not every cut hits an array).
+  """
+  before = _read_item(item_dir)
+  files = sorted((f for f in pathlib.Path(item_dir).rglob("*") if f.is_file() and "/d/" in str(f)),
+                 key=lambda f: -f.stat().st_size)
+  for path in files[:3]:
+    data = path.read_bytes()
+    for fraction in ((0.5,) if how == "truncate" else (0.5, 0.4, 0.6, 0.3, 0.7)):
+      damaged = bytearray(data[:len(data) // 2] if how == "truncate" else data)
+      if how == "flip":
+        damaged[int(len(data) * fraction)] ^= 0x04
+      path.write_bytes(bytes(damaged))
+      try:
+        after = _read_item(item_dir)
+      except Exception:  # pylint: disable=broad-except  # TensorStore's read errors
+        if how == "truncate":
+          return
+        continue
+      if how == "flip" and not all(np.array_equal(a, b, equal_nan=True)
+                                   for a, b in zip(before, after)):
+        return
+    path.write_bytes(data)
+  raise AssertionError(f"found no {how} in {item_dir} that changes what Orbax reads")
+
+
+def _train_and_save(run, directory, steps, max_to_keep=3):
+  """Trains `steps` batches, saving each step; returns the states after each step."""
+  experiment, _, create, train_step, batches = run
+  state, frozen = create()
+  manager = ckpt_lib.make_manager(directory, max_to_keep=max_to_keep)
+  states = []
+  for step, batch in enumerate(batches[:steps], start=1):
+    state, _ = train_step(state, frozen, batch)
+    _save(manager, step, state, frozen, experiment, {"batches_seen": step})
+    states.append(jax.device_get(state))
+  manager.close()
+  return states, frozen
+
+
+@pytest.mark.parametrize("how,fault", [("flip", "does not match the checksum"),
+                                       ("truncate", "a file cannot be read")])
+def test_corrupt_latest_checkpoint_falls_back_and_training_continues(run, tmp_path, caplog,
+                                                                    how, fault):
+  experiment, _, create, train_step, batches = run
+  state, frozen = create()
+  uninterrupted = []
+  for batch in batches:
+    state, metrics = train_step(state, frozen, batch)
+    uninterrupted.append(float(metrics["loss/total"]))
+  states, frozen = _train_and_save(run, tmp_path, 2, max_to_keep=2)
+  damage(tmp_path / "2" / "train_state", how)
+
+  manager = ckpt_lib.make_manager(tmp_path, max_to_keep=2)
+  with caplog.at_level(logging.WARNING):
+    state, _, position = ckpt_lib.maybe_restore(manager, create()[0])
+  warning = caplog.text
+  assert f"checkpoint step 2 in {tmp_path} is corrupt" in warning and fault in warning
+  assert "train_state" in warning and "Trying the previous checkpoint" in warning
+  assert int(state.step) == 1 and position == {"batches_seen": 1}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.lora), states[0].lora)
+  # The corrupt step is kept aside, out of rotation; the good step 1 stays.
+  assert list(manager.all_steps()) == [1] and (tmp_path / "2.corrupt").is_dir()
+  resumed = []
+  for step, batch in enumerate(batches[1:], start=2):
+    state, metrics = train_step(state, frozen, batch)
+    resumed.append(float(metrics["loss/total"]))
+    _save(manager, step, state, frozen, experiment, {"batches_seen": step})
+    manager.wait_until_finished()
+    if step == 2:  # step 2 is saved again (valid), the good step 1 is still kept
+      assert list(manager.all_steps()) == [1, 2]
+      restored, _, _ = ckpt_lib.restore(manager, jax.eval_shape(create)[0], step=2)
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.lora),
+                   states[1].lora)
+  np.testing.assert_allclose(resumed, uninterrupted[1:], rtol=1e-6)
+  manager.close()
+
+
+def test_all_checkpoints_corrupt_is_one_clear_error(run, tmp_path):
+  _train_and_save(run, tmp_path, 2)
+  damage(tmp_path / "1" / "train_state", "truncate")
+  damage(tmp_path / "2" / "train_state", "flip")
+  manager = ckpt_lib.make_manager(tmp_path)
+  with pytest.raises(CheckpointError) as error:
+    ckpt_lib.maybe_restore(manager, run[2]()[0])
+  message = str(error.value)
+  assert "\n" not in message and f"none of the 2 checkpoints in {tmp_path} can be used" in message
+  assert "step 2: array train_state" in message and "step 1: a file cannot be read" in message
+  assert "move the directory aside" in message
+  assert list(manager.all_steps()) == [1, 2]  # nothing moved when nothing was valid
+  manager.close()
+
+
+def test_evaluation_refuses_a_chosen_corrupt_step_and_falls_back_from_the_latest(
+    run, tmp_path, caplog):
+  _train_and_save(run, tmp_path, 2)
+  damage(tmp_path / "2" / "params", "flip")
+  with pytest.raises(CheckpointError, match=r"step 2 in .* is corrupt: array params\[.*Choose "
+                     r"another step \(saved: \[1, 2\]\)"):
+    policy_lib.load_checkpoint(str(tmp_path), 2)
+  with caplog.at_level(logging.WARNING):
+    params, _, _, assets = policy_lib.load_checkpoint(str(tmp_path))
+  assert assets["step"] == 1 and "checkpoint step 2" in caplog.text
+  assert (tmp_path / "2").is_dir()  # evaluation reads; it moves nothing
+  # An exported policy carries checksums too.
+  export = ckpt_lib.export(tmp_path / "policy", params, ckpt_lib.experiment_from_assets(assets),
+                           STATS)
+  damage(pathlib.Path(export) / "params", "flip")
+  with pytest.raises(CheckpointError, match=r"is corrupt: array params.*Export it again"):
+    policy_lib.load_checkpoint(export)
+
+
+def test_checkpoints_without_checksums_still_load(run, tmp_path, caplog):
+  experiment, _, create, _, _ = run
+  state, frozen = create()
+  manager = ckpt_lib.make_manager(tmp_path, async_save=False)
+  # What `save` wrote before checksums existed: four items.
+  params = state_lib.student_params(state, frozen, experiment.lora)
+  manager.save(1, args=ocp.args.Composite(
+      train_state=ocp.args.StandardSave(state.replace(rng=jax.random.key_data(state.rng))),
+      params=ocp.args.StandardSave(params),
+      assets=ocp.args.JsonSave(ckpt_lib.make_assets(experiment, STATS)),
+      data_iterator=ocp.args.JsonSave({"batches_seen": 1})))
+  manager.close()
+  manager = ckpt_lib.make_manager(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    restored, _, position = ckpt_lib.maybe_restore(manager, create()[0])
+    loaded = policy_lib.load_checkpoint(str(tmp_path))[0]
+  manager.close()
+  assert position == {"batches_seen": 1}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.lora),
+               jax.device_get(state.lora))
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
+  assert "has no checksums (written before vla_jax recorded them)" in caplog.text
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error_not_corruption(tmp_path):
+  manager = ckpt_lib.make_manager(tmp_path, async_save=False)
+  ckpt_lib.save(manager, 1, _tiny_state(1), {"w": np.ones(2)},
+                ckpt_lib.make_assets(small_experiment(), STATS), {})
+  other = _tiny_state(1).replace(params={"w": jax.numpy.ones(3)})
+  with pytest.raises(CheckpointError, match=r"step 1 in .* was written for another model: it "
+                     r"holds train_state.params\['w'\] with shape \(2,\), this model builds "
+                     r"\(3,\)"):
+    ckpt_lib.maybe_restore(manager, other)
+  assert list(manager.all_steps()) == [1]
+  manager.close()
+
+
+def test_checksum_catches_every_single_bit_flip_and_ignores_the_sharding():
+  rng = np.random.default_rng(0)
+  for dtype in (np.float32, jax.numpy.bfloat16, np.int8, np.bool_):
+    x = np.asarray(rng.normal(size=(3, 5)) > 0 if dtype == np.bool_ else
+                   rng.normal(size=(3, 5)) * 10).astype(dtype)
+    base = checksums_lib.array_checksums({"x": x})["['x']"]
+    assert base["dtype"] == np.dtype(dtype).name and base["shape"] == [3, 5]
+    raw = x.view(np.uint8).reshape(-1)
+    seen = {base["checksum"]}
+    for byte in range(raw.size):
+      for bit in range(8):
+        flipped = raw.copy()
+        flipped[byte] ^= 1 << bit
+        seen.add(checksums_lib.array_checksums({"x": flipped.view(x.dtype).reshape(x.shape)}
+                                               )["['x']"]["checksum"])
+    assert len(seen) == raw.size * 8 + 1, dtype  # every flip gives its own checksum
+  # Integer sums are exact in any order: split over devices, the checksum is the same.
+  big = rng.normal(size=(64, 48)).astype(np.float32)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+  sharded = jax.device_put(big, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+  assert (checksums_lib.array_checksums([sharded]) == checksums_lib.array_checksums([big]))

@@ -1,5 +1,7 @@
-"""Fault injection on the training loop: divergence, signals, and what is (never) saved."""
+"""Fault injection on the training loop: divergence, signals, corrupt checkpoints, and what
+is (never) saved."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.train.test_checkpoint import damage
 from vla_jax.errors import CheckpointError, DivergenceError
 from vla_jax.eval import policy as policy_lib
 from vla_jax.experiment import load_config
@@ -93,3 +96,17 @@ def test_stop_signal_catches_ctrl_c_and_restores_the_handler():
     os.kill(os.getpid(), signal.SIGINT)  # would be a KeyboardInterrupt without the handler
     time.sleep(0.05)
   assert stop.received == "SIGINT" and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(small_data, tmp_path,
+                                                                     caplog):
+  loop.train(make_config(small_data, 4), str(tmp_path))  # checkpoints at steps 2 and 4
+  damage(tmp_path / "checkpoints" / "4" / "train_state", "truncate")
+  with caplog.at_level(logging.WARNING):
+    summary = loop.train(make_config(small_data, 6), str(tmp_path))
+  assert f"checkpoint step 4 in {tmp_path / 'checkpoints'} is corrupt: a file cannot be read" in (
+      caplog.text)
+  assert summary["resumed_from"] == 2 and summary["checkpoint_steps"] == [2, 4, 6]
+  assert np.isfinite(summary["final_metrics"]["loss/total"])
+  assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
+  assert policy_lib.load_checkpoint(str(tmp_path))[3]["step"] == 6

@@ -21,10 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 
-from vla_jax import modeling
 from vla_jax.actions import ActionTokenizer, NormStats
 from vla_jax.data import augment as augment_lib
 from vla_jax.data import batching
@@ -67,7 +65,8 @@ def load_checkpoint(path: str, step: Optional[int] = None
 
   Args:
     path: a run directory (WORKDIR or WORKDIR/checkpoints) or an export directory.
-    step: run checkpoints only: which step (default: the latest).
+    step: run checkpoints only: which step (default: the latest valid one; a corrupt
+      newer step is skipped with a warning, a corrupt chosen step is a CheckpointError).
   Returns:
     (params, experiment, {dataset: NormStats}, assets dict incl. "tokenizer").
   """
@@ -82,15 +81,12 @@ def load_checkpoint(path: str, step: Optional[int] = None
                           "in WORKDIR/checkpoints) nor an exported policy (params/ + assets/); "
                           "train first (--mode=train) or point at the right directory.")
   manager = ckpt_lib.make_manager(run_dir, async_save=False)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise CheckpointError(f"step {step} is not in {run_dir}; saved steps: "
+  wanted = manager.latest_step() if step is None else step
+  if wanted is None or wanted not in manager.all_steps():
+    raise CheckpointError(f"step {wanted} is not in {run_dir}; saved steps: "
                           f"{list(manager.all_steps())}.")
-  assets = manager.restore(int(step), args=ocp.args.Composite(
-      assets=ocp.args.JsonRestore()))["assets"]
-  experiment = ckpt_lib.experiment_from_assets(assets)
-  abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
-  params = ckpt_lib.restore_params(manager, abstract, step=step)
+  # Checksums verified; a corrupt chosen step is an error, a corrupt latest falls back.
+  step, params, experiment, assets = ckpt_lib.restore_inference(manager, step)
   manager.close()
   _check_finite_params(params, f"{run_dir} step {step}")
   return params, experiment, ckpt_lib.norm_stats_from_assets(assets), {**assets, "step": step}

@@ -2,7 +2,8 @@
 
 Handlers on the event loop `submit` items and await the returned future; a worker thread
 takes the first waiting item, then gathers more until `max_batch` items or until
-`max_wait_s` has passed since the first, groups them by `group_key` (items of one group
+`max_wait_s` has passed since the first (or until every connected client has an item in
+the batch: nobody else can send, so waiting longer only adds latency), groups them by `group_key` (items of one group
 can be stacked: same image size, same statistics) and calls `infer` once per group. The
 event loop therefore never runs the model, and a client alone waits at most `max_wait_s`
 longer than an unbatched call. If a group's call raises, each of its items is retried
@@ -15,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Hashable, List, Sequence
+from typing import Any, Callable, Hashable, List, Optional, Sequence
 
 _STOP = object()
 
@@ -45,14 +46,17 @@ class DynamicBatcher:
     max_wait_s: how long the first item of a batch waits for others (0: take only what
       is already queued).
     group_key: items with equal keys may share a call.
+    clients: how many clients are connected now (each has at most one item waiting); a
+      batch that holds that many stops waiting. None: always wait up to `max_wait_s`.
   """
 
   def __init__(self, infer: Callable[[List[Any]], Sequence[Any]], *, max_batch: int = 8,
-               max_wait_s: float = 0.005, group_key: Callable[[Any], Hashable] = lambda _: 0):
+               max_wait_s: float = 0.005, group_key: Callable[[Any], Hashable] = lambda _: 0,
+               clients: Optional[Callable[[], int]] = None):
     if max_batch < 1 or max_wait_s < 0:
       raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {max_batch}, "
                        f"{max_wait_s}.")
-    self._infer, self._group_key = infer, group_key
+    self._infer, self._group_key, self._clients = infer, group_key, clients
     self.max_batch, self.max_wait_s = max_batch, max_wait_s
     self._queue: "queue.Queue[Any]" = queue.Queue()
     self._thread = threading.Thread(target=self._run, name="policy-batcher", daemon=True)
@@ -72,6 +76,8 @@ class DynamicBatcher:
   def _gather(self, first: _Pending) -> List[_Pending]:
     batch, deadline = [first], time.perf_counter() + self.max_wait_s
     while len(batch) < self.max_batch:
+      if self._clients is not None and len(batch) >= self._clients() and self._queue.empty():
+        break  # every connected client is in this batch
       try:
         pending = self._queue.get(timeout=max(0.0, deadline - time.perf_counter())) if (
             self.max_wait_s) else self._queue.get_nowait()

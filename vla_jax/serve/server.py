@@ -48,7 +48,7 @@ from vla_jax.serve import batcher as batcher_lib
 from vla_jax.serve import inputs
 from vla_jax.serve import wire
 
-WARMUP_PROMPT = "pick up the object"
+WARMUP_PROMPT = "put the carrot on the plate"  # a typical tabletop instruction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +191,7 @@ class PolicyServer:
     self._runner: Optional[web.AppRunner] = None
     self._thread: Optional[threading.Thread] = None
     self.port: Optional[int] = None
+    self._clients = 0  # open websockets + REST requests in progress (event loop only)
 
   # ----- requests ---------------------------------------------------------------------
   def _authorized(self, request: web.Request) -> bool:
@@ -216,6 +217,14 @@ class PolicyServer:
                           "with openpi_client.websocket_client_policy.WebsocketClientPolicy, or "
                           "POST /act (OpenVLA REST), GET /healthz.\n")
     await ws.prepare(request)
+    self._clients += 1
+    try:
+      await self._openpi_session(request, ws)
+    finally:
+      self._clients -= 1
+    return ws
+
+  async def _openpi_session(self, request: web.Request, ws: web.WebSocketResponse) -> None:
     await ws.send_bytes(wire.packb(self.metadata))
     prev_total_ms = None
     async for message in ws:
@@ -251,9 +260,15 @@ class PolicyServer:
           "policy_timing": {"infer_ms": timing.infer_ms, "batch_size": timing.batch_size},
           "server_timing": server_timing}))
       prev_total_ms = 1e3 * (time.perf_counter() - received)
-    return ws
 
   async def _act(self, request: web.Request) -> web.Response:
+    self._clients += 1
+    try:
+      return await self._act_request(request)
+    finally:
+      self._clients -= 1
+
+  async def _act_request(self, request: web.Request) -> web.Response:
     if not self._authorized(request):
       return _json_error(401, "missing or wrong API key: send the header "
                               "'Authorization: Api-Key KEY'.")
@@ -313,7 +328,8 @@ class PolicyServer:
       self.served.warmup()
     self._batcher = batcher_lib.DynamicBatcher(
         self.served.infer, max_batch=self.config.max_batch,
-        max_wait_s=self.config.max_wait_ms / 1e3, group_key=self.served.group_key)
+        max_wait_s=self.config.max_wait_ms / 1e3, group_key=self.served.group_key,
+        clients=lambda: self._clients)
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self._loop.run_forever, name="policy-server",
                                     daemon=True)

@@ -1,11 +1,13 @@
 """Orbax checkpoints of a training run, and the exported inference checkpoint.
 
-A run's directory holds one folder per saved step with four Orbax items:
+A run's directory holds one folder per saved step with five Orbax items:
 
   train_state/    the TrainState (trainable params, LoRA factors, optimizer state, step, rng)
   params/         the student's inference parameters (LoRA merged), ready to serve
   assets/         JSON: normalisation statistics, the experiment config, tokenizer reference
   data_iterator/  JSON: where the input pipeline is (e.g. {"examples_seen": ...})
+  checksums/      JSON: a checksum of every array above (with its dtype and shape) and
+                  of both JSON items (vla_jax/train/checksums.py)
 
 The teacher and the alignment projector are never saved: they are frozen and rebuilt
 from the config. Saves are asynchronous; old steps are pruned (keep the last N plus
@@ -13,16 +15,26 @@ every K-th). Restoring takes a target with shardings, so a run saved on one mesh
 resumes on any other. Temporary folders left by a crashed save are removed when the
 manager opens the directory, so they never block the next run.
 
+Every restore verifies the checksums (computed on device from the logical arrays, so
+they do not depend on the mesh). A step whose array differs from its checksum, or whose
+files cannot be read, is a `CorruptCheckpointError`; `maybe_restore` (training resume)
+and `restore_inference` (evaluation, export) then fall back to the newest valid step
+with a warning, and `maybe_restore` moves the corrupt steps aside (`STEP.corrupt`).
+Checkpoints written before checksums existed load with a warning that they cannot be
+verified.
+
 `export` writes a standalone inference checkpoint (params in a chosen dtype, LoRA
 merged, norm stats and config inside); `load_policy_params` reads it back.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,12 +42,13 @@ import orbax.checkpoint as ocp
 
 from vla_jax import modeling
 from vla_jax.actions import NormStats
-from vla_jax.errors import CheckpointError, ConfigError
+from vla_jax.errors import CheckpointError, ConfigError, VlaJaxError
 from vla_jax.experiment import Experiment, parse_config
+from vla_jax.train import checksums as checksums_lib
 from vla_jax.train.state import TrainState
 from vla_jax.weights import convert as convert_lib
 
-ITEMS = ("train_state", "params", "assets", "data_iterator")
+ITEMS = ("train_state", "params", "assets", "data_iterator", "checksums")
 EXPORT_FORMAT_VERSION = 1
 
 
@@ -130,6 +143,149 @@ def check_finite(tree: Any, what: str, fix: str) -> None:
                           f"{fix}")
 
 
+# ---------------------------------------------------------------------------------------
+# Verified restores: checksums, falling back past corrupt steps.
+# ---------------------------------------------------------------------------------------
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint cannot be used: an array differs from its checksum, or a file is unreadable.
+
+  `step` is None for an exported policy.
+  """
+
+  def __init__(self, directory: Any, step: Optional[int], reason: str):
+    self.directory, self.step, self.reason = os.fspath(directory), step, reason
+    where = (f"checkpoint step {step} in {self.directory}" if step is not None
+             else f"the checkpoint {self.directory}")
+    super().__init__(f"{where} is corrupt: {reason}")
+
+
+def _reason(error: BaseException) -> str:
+  """One line: the innermost cause of a failed read (TensorStore's names the file)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unverified(path: str) -> None:  # once per checkpoint and process
+  logging.warning("%s has no checksums (written before vla_jax recorded them): its arrays "
+                  "cannot be verified.", path)
+
+
+def _restore_checked(read: Callable[[ocp.args.Composite], Mapping[str, Any]], path: str,
+                     step: Optional[int], arrays: Mapping[str, Any],
+                     json_names: Tuple[str, ...] = ()) -> Dict[str, Any]:
+  """Restores `arrays` ({item: target}) and JSON items, verified against the checksums.
+
+  Args:
+    read: restores a Composite of items of this checkpoint (a manager's step, a path).
+    path: the checkpoint's directory (for the checksums item and messages).
+    step: its step (None: an exported policy).
+  Raises:
+    CorruptCheckpointError: a file cannot be read (truncated, damaged, missing) or an
+      item differs from its checksum.
+    CheckpointError: the targets have other arrays or shapes than the saved ones (a
+      checkpoint of another model; not damage, so no fallback).
+  A checkpoint without checksums (written before they existed) is restored with a
+  warning that it cannot be verified.
+  """
+  directory = os.path.dirname(path) if step is not None else path
+
+  def read_or_raise(items: Mapping[str, Any]) -> Dict[str, Any]:
+    try:
+      return dict(read(ocp.args.Composite(**items)))
+    except VlaJaxError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # TensorStore, JSON, OS errors
+      raise CorruptCheckpointError(directory, step, f"a file cannot be read ({_reason(e)})"
+                                   ) from e
+
+  if not (epath.Path(path) / "checksums").exists():
+    _warn_unverified(path)
+    return read_or_raise({**{k: ocp.args.StandardRestore(t) for k, t in arrays.items()},
+                          **{k: ocp.args.JsonRestore() for k in json_names}})
+  record = read_or_raise({"checksums": ocp.args.JsonRestore()})["checksums"]
+  problem = checksums_lib.record_problem(record)
+  if problem:
+    raise CorruptCheckpointError(directory, step, problem)
+  saved = {}
+  for name, target in arrays.items():
+    problem = checksums_lib.fit_problem(record.get(name) or {}, target, name)
+    if problem:
+      where = f"step {step} in {directory}" if step is not None else directory
+      raise CheckpointError(f"the checkpoint {where} was written for another model: {problem}. "
+                            "Use the config it was written with, or start a new --workdir.")
+    saved[name] = checksums_lib.with_saved_dtypes(record[name], target)
+  restored = read_or_raise({**{k: ocp.args.StandardRestore(t) for k, t in saved.items()},
+                            **{k: ocp.args.JsonRestore() for k in json_names}})
+  problem = checksums_lib.describe_mismatch(record, restored, json_names)
+  if problem:
+    raise CorruptCheckpointError(directory, step, problem)
+  for name, target in arrays.items():  # cast to the dtypes asked for, as Orbax would have
+    restored[name] = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+                                  restored[name], target)
+  return restored
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, arrays: Mapping[str, Any],
+                  json_names: Tuple[str, ...] = ()) -> Dict[str, Any]:
+  if step not in manager.all_steps():
+    raise CheckpointError(f"step {step} is not in {manager.directory}; saved steps: "
+                          f"{list(manager.all_steps())}.")
+  path = os.path.join(os.fspath(manager.directory), str(step))
+  return _restore_checked(lambda args: manager.restore(int(step), args=args), path, step,
+                          arrays, json_names)
+
+
+T = TypeVar("T")
+
+
+def newest_valid(manager: ocp.CheckpointManager, load: Callable[[int], T]
+                 ) -> Tuple[int, T, List[CorruptCheckpointError]]:
+  """(step, load(step), corrupt newer steps) for the newest step `load` accepts.
+
+  Each corrupt step (a CorruptCheckpointError from `load`) is logged as a warning naming
+  the step and the array, then the previous step is tried. If none is valid: one
+  CheckpointError naming the directory, each step's fault and what to do.
+  """
+  failures: List[CorruptCheckpointError] = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, load(step), failures
+    except CorruptCheckpointError as e:
+      failures.append(e)
+      logging.warning("%s. Trying the previous checkpoint.", e)
+  if not failures:
+    raise CheckpointError(f"no checkpoint in {manager.directory}; train first, or point "
+                          "--workdir at a run directory.")
+  faults = "; ".join(f"step {e.step}: {e.reason}" for e in failures)
+  raise CheckpointError(
+      f"none of the {len(failures)} checkpoints in {manager.directory} can be used: {faults}. "
+      "Restore them from a copy, or move the directory aside (or use a new --workdir) to "
+      "start from scratch.")
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames the corrupt `step` to `STEP.corrupt`: kept for inspection, out of rotation.
+
+  Orbax no longer lists it, so the run saves that step again and `keep_checkpoints`
+  counts only valid steps: rotation never deletes the good step resumed from to keep a
+  corrupt one.
+  """
+  directory = epath.Path(manager.directory)
+  target, n = directory / f"{step}.corrupt", 1
+  while target.exists():
+    target, n = directory / f"{step}.corrupt{n}", n + 1
+  if jax.process_index() == 0:
+    (directory / str(step)).rename(target)
+  ocp.multihost.sync_global_processes(f"vla_jax_set_aside_{step}")
+  manager.reload()
+  logging.warning("Moved the corrupt checkpoint step %d to %s; delete it once inspected.",
+                  step, target)
+  return os.fspath(target)
+
+
 # Typed PRNG keys are stored as their raw uint32 data.
 def _to_storable(state: TrainState) -> TrainState:
   return state.replace(rng=jax.random.key_data(state.rng))
@@ -144,6 +300,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: A
          force: bool = False) -> bool:
   """Saves one step (asynchronously if the manager is async); returns whether it saved.
 
+  The checksums of every array are computed first, on device (one pass over the state,
+  a few integer operations per element; see `checksums.array_checksums`).
+
   Args:
     state: the train state.
     params: inference params of the student (`state.student_params(...)`, LoRA merged).
@@ -157,11 +316,17 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: A
                f"refusing to save step {step}: the train state and optimizer state",
                "the run has diverged. Resume from the last good checkpoint with a lower "
                "train.learning_rate.")
+  storable = _to_storable(state)
+  assets, data_iterator = _jsonable(dict(assets)), _jsonable(dict(data_iterator))
+  # Written as one more item of the same step, so they commit (or not) with it.
+  checksums = checksums_lib.make_record({"train_state": storable, "params": params},
+                                       {"assets": assets, "data_iterator": data_iterator})
   args = ocp.args.Composite(
-      train_state=ocp.args.StandardSave(_to_storable(state)),
+      train_state=ocp.args.StandardSave(storable),
       params=ocp.args.StandardSave(params),
-      assets=ocp.args.JsonSave(_jsonable(dict(assets))),
-      data_iterator=ocp.args.JsonSave(_jsonable(dict(data_iterator))))
+      assets=ocp.args.JsonSave(assets),
+      data_iterator=ocp.args.JsonSave(data_iterator),
+      checksums=ocp.args.JsonSave(checksums))
   return manager.save(int(step), args=args, force=force)
 
 
@@ -176,12 +341,15 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 def restore(manager: ocp.CheckpointManager, abstract_state: TrainState,
             state_shardings: Any = None, step: Optional[int] = None
             ) -> Tuple[TrainState, Dict[str, Any], Dict[str, Any]]:
-  """Restores (state, assets, data_iterator) of `step` (default: the latest).
+  """Restores (state, assets, data_iterator) of `step` (default: the latest), verified.
 
   Args:
     abstract_state: `jax.eval_shape` of the state creation (shapes and dtypes).
     state_shardings: target shardings like `abstract_state` (any mesh; default: one
       device). The rng's sharding is taken from its own entry.
+  Raises:
+    CorruptCheckpointError: a file of the step cannot be read, or an item differs from
+      its checksum (no fallback here; `maybe_restore` falls back).
   """
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -190,9 +358,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState,
   target = _with_shardings(abstract_state, state_shardings)
   target = target.replace(rng=jax.ShapeDtypeStruct(
       _abstract_storable(abstract_state).rng.shape, jnp.uint32, sharding=target.rng.sharding))
-  restored = manager.restore(int(step), args=ocp.args.Composite(
-      train_state=ocp.args.StandardRestore(target), assets=ocp.args.JsonRestore(),
-      data_iterator=ocp.args.JsonRestore()))
+  restored = _restore_step(manager, step, {"train_state": target},
+                          ("assets", "data_iterator"))
   state = restored["train_state"]
   state = state.replace(rng=jax.random.wrap_key_data(state.rng))
   return state, restored["assets"], restored["data_iterator"]
@@ -200,22 +367,54 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState,
 
 def maybe_restore(manager: ocp.CheckpointManager, state: TrainState, state_shardings: Any = None
                   ) -> Tuple[TrainState, Optional[Dict], Optional[Dict]]:
-  """Automatic resume: the latest checkpoint if there is one, else `state` unchanged."""
-  step = manager.latest_step()
-  if step is None:
+  """Automatic resume: the newest valid checkpoint if there is one, else `state` unchanged.
+
+  Corrupt newer steps are logged (step and array), then moved aside (`set_aside`); if no
+  step is valid, a CheckpointError says so and what to do.
+  """
+  if manager.latest_step() is None:
     return state, None, None
-  logging.info("Resuming from step %d in %s", step, manager.directory)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  return restore(manager, abstract, state_shardings, step)
+  step, restored, failures = newest_valid(
+      manager, lambda s: restore(manager, abstract, state_shardings, s))
+  for failure in failures:
+    set_aside(manager, failure.step)
+  logging.info("Resuming from step %d in %s", step, manager.directory)
+  return restored
 
 
 def restore_params(manager: ocp.CheckpointManager, abstract_params: Any, shardings: Any = None,
                    step: Optional[int] = None) -> Any:
-  """The inference `params` item of a run checkpoint."""
+  """The inference `params` item of a run checkpoint, verified (CorruptCheckpointError)."""
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(int(step), args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_with_shardings(abstract_params, shardings))))
-  return restored["params"]
+  return _restore_step(manager, step,
+                       {"params": _with_shardings(abstract_params, shardings)})["params"]
+
+
+def restore_inference(manager: ocp.CheckpointManager, step: Optional[int] = None,
+                      shardings: Any = None) -> Tuple[int, Any, Experiment, Dict[str, Any]]:
+  """(step, student params, experiment, assets) of a run checkpoint, verified.
+
+  Args:
+    step: the step to load; a corrupt one is a CheckpointError. None: the newest valid
+      step, falling back past corrupt ones with a warning (nothing is moved or deleted).
+    shardings: optional target shardings like the params (default: one device).
+  """
+  def load(s: int) -> Tuple[Any, Experiment, Dict[str, Any]]:
+    assets = _restore_step(manager, s, {}, ("assets",))["assets"]
+    experiment = experiment_from_assets(assets)
+    abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)
+    params = restore_params(manager, abstract["student"], shardings, step=s)
+    return params, experiment, assets
+
+  if step is None:
+    step, (params, experiment, assets), _ = newest_valid(manager, load)
+    return step, params, experiment, assets
+  try:
+    return (step, *load(step))
+  except CorruptCheckpointError as e:
+    raise CheckpointError(f"{e}. Choose another step (saved: {list(manager.all_steps())}), "
+                          "or none for the newest valid one.") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,14 +433,17 @@ def export(path: str, params: Any, experiment: Experiment, norm_stats: Mapping[s
     norm_stats: {dataset or key name: NormStats} used to un-normalise actions.
     dtype: e.g. "bfloat16" casts floating params; None keeps their dtypes.
   Returns:
-    The absolute path written. Writes go to `path + ".partial"` renamed at the end.
+    The absolute path written (with a `checksums` item, like a run's steps). Writes go
+    to `path + ".partial"` renamed at the end.
   """
   assets = _jsonable({
       "format_version": EXPORT_FORMAT_VERSION,
       "config": experiment_to_config(experiment, lora_merged=True),
       "norm_stats": {k: v.to_dict() for k, v in norm_stats.items()},
       "tokenizer": os.fspath(tokenizer), "dtype": dtype or "as_trained", **(extra or {})})
-  return convert_lib.write_params(path, params, {"assets": assets}, dtype=dtype)
+  params = convert_lib.cast_floating(params, dtype)
+  checksums = checksums_lib.make_record({"params": params}, {"assets": assets})
+  return convert_lib.write_params(path, params, {"assets": assets, "checksums": checksums})
 
 
 def load_policy_params(path: str, shardings: Any = None
@@ -260,17 +462,20 @@ def load_policy_params(path: str, shardings: Any = None
     raise CheckpointError(f"{path} is not an exported policy (needs params/ and assets/); "
                           "write one with vla_jax.train.checkpoint.export (--mode=export).")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    assets = checkpointer.restore(path, ocp.args.Composite(assets=ocp.args.JsonRestore()))
-    assets = assets["assets"]
-    experiment = experiment_from_assets(assets)
-    abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
-    if assets.get("dtype") not in (None, "as_trained"):
-      abstract = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, assets["dtype"])
-          if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
-    target = _with_shardings(abstract, shardings)
-    params = checkpointer.restore(path, ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))["params"]
+    read = lambda args: checkpointer.restore(path, args)
+    try:
+      assets = _restore_checked(read, path, None, {}, ("assets",))["assets"]
+      experiment = experiment_from_assets(assets)
+      abstract = modeling.abstract_params(modeling.build_models(experiment),
+                                          experiment)["student"]
+      if assets.get("dtype") not in (None, "as_trained"):
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, assets["dtype"])
+            if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
+      params = _restore_checked(read, path, None,
+                                {"params": _with_shardings(abstract, shardings)})["params"]
+    except CorruptCheckpointError as e:
+      raise CheckpointError(f"{e}. Export it again from its run (--mode=export).") from None
   return params, experiment, norm_stats_from_assets(assets), assets
 
 
@@ -282,18 +487,17 @@ def export_latest(run_dir: str, path: str, *, dtype: Optional[str] = None,
     run_dir: the run's checkpoint directory (`WORKDIR/checkpoints`).
     path: output directory (must not exist).
     dtype: cast floating params, e.g. "bfloat16"; None keeps float32.
+    step: the step to export (default: the newest valid one; see `restore_inference`).
   Returns:
     The export path; `load_policy_params(path)` reads it back.
   """
   manager = make_manager(run_dir, async_save=False)
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  if manager.latest_step() is None:
     raise CheckpointError(f"no checkpoint in {run_dir}; train first (--mode=train).")
-  assets = manager.restore(int(step), args=ocp.args.Composite(
-      assets=ocp.args.JsonRestore()))["assets"]
-  experiment = experiment_from_assets(assets)
-  abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
-  params = restore_params(manager, abstract, step=step)
+  step, params, experiment, assets = restore_inference(manager, step)
   manager.close()
   return export(path, params, experiment, norm_stats_from_assets(assets), dtype=dtype,
-                tokenizer=assets.get("tokenizer", ""), extra={"source_step": int(step)})
+                tokenizer=assets.get("tokenizer", ""), extra={
+                    "source_step": int(step),
+                    # the policy's prompt layout (proprio tokens) and state statistics
+                    **{k: assets[k] for k in ("data", "state_stats") if k in assets}})
