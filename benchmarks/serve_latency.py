@@ -86,8 +86,8 @@ def main():
   for server in servers.values():
     server.stop()
 
-  print(f"\n| clients | server | p50 ms | p99 ms | requests/s | mean batch |\n"
-        f"|---|---|---|---|---|---|")
+  print("\n| clients | server | p50 ms | p99 ms | requests/s | mean batch |\n"
+        "|---|---|---|---|---|---|")
   median = lambda rows, key: statistics.median(r[key] for r in rows)
   for c in args.clients:
     for name in servers:
