@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from vla_jax.errors import CheckpointError
+from vla_jax.errors import CheckpointError, InputError
 from vla_jax.eval import commands
 from vla_jax.eval import config as eval_config_lib
 from vla_jax.eval import policy as policy_lib
@@ -26,6 +26,7 @@ def _config(data_dir, tokenizer):
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
   config.data.max_length = 96  # the small test tokenizer needs more ids per prompt
+  config.data.proprio_dims = (2, 6)  # height and gripper opening in the prompt
   config.model.llm.depth = 2
   config.align.align_layer = 1
   config.train.num_steps = 2
@@ -52,8 +53,10 @@ def trained(tmp_path_factory):
 def test_run_checkpoint_policy_returns_finite_actions(trained):
   _, workdir = trained
   policy = policy_lib.load_policy(workdir)
+  assert policy.proprio_dims == (2, 6) and policy.state_stats.dim == 7
   images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
-  actions = policy(images, ["put the red cube on the plate"] * 3, np.zeros((3, 7), np.float32))
+  states = np.array([[0.0, -0.19, 0.1, 0, 0, 0, 1.0]] * 3, np.float32)
+  actions = policy(images, ["put the red cube on the plate"] * 3, states)
   assert actions.shape == (3, 7) and actions.dtype == np.float32
   assert np.isfinite(actions).all()
   # Un-normalised with the run's statistics: within the dataset's q01..q99 range.
@@ -64,8 +67,11 @@ def test_run_checkpoint_policy_returns_finite_actions(trained):
   exported = checkpoint.export_latest(os.path.join(workdir, "checkpoints"),
                                       os.path.join(workdir, "export"))
   from_export = policy_lib.load_policy(exported)
+  assert from_export.proprio_dims == (2, 6)  # the export keeps the prompt's layout
   np.testing.assert_array_equal(
-      from_export(images, ["put the red cube on the plate"] * 3, None), actions)
+      from_export(images, ["put the red cube on the plate"] * 3, states), actions)
+  with pytest.raises(InputError, match="pass states"):
+    from_export(images, ["put the red cube on the plate"] * 3, None)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -128,6 +128,9 @@ def greedy_action_tokens(model: VLA, params: Any, images: jax.Array, tokens: jax
 class VLAPolicy:
   """`Policy` of a VLA: (images uint8 [B, H, W, 3], instructions, states [B, 7]) -> [B, 7].
 
+  States are read only by a policy trained with `data.proprio_dims` (`proprio_dims`,
+  normalised with `state_stats`, the training data's state statistics).
+
   Attributes:
     model, params: the student (OpenVLA layout).
     tokenizer: its tokenizer; action ids are the last `n_bins` ids below vocab_size.
@@ -139,7 +142,8 @@ class VLAPolicy:
 
   def __init__(self, model: VLA, params: Any, tokenizer: Tokenizer, norm_stats: NormStats,
                *, augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig(),
-               action_dim: int = ACTION_DIM, length_bucket: int = 8, use_cache: bool = True):
+               action_dim: int = ACTION_DIM, length_bucket: int = 8, use_cache: bool = True,
+               proprio_dims: Sequence[int] = (), state_stats: Optional[NormStats] = None):
     if model.config.arch != "openvla":
       raise ConfigError(f"VLAPolicy decodes OpenVLA prompts; model.arch={model.config.arch!r} "
                         "is not supported yet (PaliGemma needs its prefix-LM prompt).")
@@ -149,6 +153,12 @@ class VLAPolicy:
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.norm_stats, self.augment, self.action_dim = norm_stats, augment, action_dim
     self.use_cache = use_cache
+    self.proprio_dims = tuple(int(d) for d in proprio_dims)
+    if self.proprio_dims and (state_stats is None or max(self.proprio_dims) >= state_stats.dim):
+      raise ConfigError(f"proprio_dims={self.proprio_dims} need the training data's state "
+                        "statistics covering those dimensions (state_stats); load the policy "
+                        "with load_policy, which reads them from the checkpoint.")
+    self.state_stats = state_stats
     self.action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size)
     self._bucket = length_bucket
     self._prompt_cache: Dict[str, np.ndarray] = {}
@@ -160,15 +170,36 @@ class VLAPolicy:
         lambda image: augment_lib.preprocess_image(image, size, train=False, config=augment),
         images, fn_output_signature=tf.uint8), reduce_retracing=True)
 
-  def prompt_batch(self, instructions: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [B, L], lengths int32 [B]); L is bucketed to limit recompiles."""
+  def prompt_batch(self, instructions: Sequence[str], states: Optional[np.ndarray] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, L], lengths int32 [B]); L is bucketed to limit recompiles.
+
+    `states` (raw, [B, D]) are needed when the policy writes proprio tokens: normalised
+    with the training data's statistics, they go before the prompt's final "▁" exactly
+    where `batching.tokenize_batch` put them in training.
+    """
+    state_ids = np.zeros((len(instructions), 0), np.int32)
+    if self.proprio_dims:
+      if states is None:
+        raise InputError(f"this policy reads robot state dims {self.proprio_dims} in its "
+                         "prompt (data.proprio_dims); pass states [B, D] with the images.")
+      states = np.asarray(states, np.float64)
+      if states.shape != (len(instructions), self.state_stats.dim):
+        raise InputError(f"states must be [B={len(instructions)}, {self.state_stats.dim}] "
+                         f"(the training data's state), got {states.shape}.")
+      if not np.all(np.isfinite(states)):
+        raise InputError("robot states hold NaN/inf; the policy writes them into its prompt.")
+      state_ids = batching.state_token_ids(self.state_stats.normalize(states),
+                                           self.proprio_dims, self.action_tokenizer)
     prompts = []
-    for text in instructions:
+    for row, text in enumerate(instructions):
       if text not in self._prompt_cache:
         ids = openvla_inputs(self.tokenizer, text)[0]
         batching.check_prompt_ids(ids, self.action_tokenizer, self.tokenizer, text)
         self._prompt_cache[text] = ids
-      prompts.append(self._prompt_cache[text])
+      ids = self._prompt_cache[text]
+      prompts.append(np.concatenate([ids[:-1], state_ids[row], ids[-1:]]) if
+                     self.proprio_dims else ids)
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     needed = int(lengths.max()) + self.action_dim
     length = -(-needed // self._bucket) * self._bucket
@@ -187,12 +218,12 @@ class VLAPolicy:
 
   def __call__(self, images: np.ndarray, instructions: List[str],
                states: Optional[np.ndarray] = None) -> np.ndarray:
-    del states  # OpenVLA reads no proprioception
     images = np.asarray(images)
     if images.ndim != 4 or len(instructions) != images.shape[0]:
       raise InputError(f"VLAPolicy expects images [B, H, W, 3] and B instructions; got images "
                        f"{images.shape} and {len(instructions)} instructions.")
-    tokens, lengths = self.prompt_batch(instructions)
+    # OpenVLA reads no proprioception; states are used only with proprio_dims.
+    tokens, lengths = self.prompt_batch(instructions, states)
     ids = greedy_action_tokens(self.model, self.params, self.preprocess(images), tokens,
                                lengths, self.action_dim, use_cache=self.use_cache)
     normalized = self.action_tokenizer.decode(np.asarray(ids))
@@ -212,6 +243,19 @@ def load_policy(path: str, *, step: Optional[int] = None, dataset: str = "",
   tokenizer = tokenizer or assets.get("tokenizer", "")
   if not tokenizer:
     raise CheckpointError(f"{path} names no tokenizer in its assets; pass tokenizer=PATH.")
-  _, stats = choose_norm_stats(norm_stats, assets, dataset)
+  name, stats = choose_norm_stats(norm_stats, assets, dataset)
+  normalization = assets.get("data", {}).get("normalization", "bounds_q99")
+  if normalization != "bounds_q99":
+    raise ConfigError(f"{path} was trained with data.normalization={normalization!r}; the "
+                      "policy un-normalises actions with OpenVLA's bounds_q99 only. Train "
+                      "with data.normalization='bounds_q99'.")
+  proprio_dims = tuple(assets.get("data", {}).get("proprio_dims", ()))
+  state_stats = None
+  if proprio_dims:
+    state_stats = NormStats.from_dict(assets.get("state_stats", {}).get(name)) if name in (
+        assets.get("state_stats") or {}) else None
+    if state_stats is None:
+      raise CheckpointError(f"{path} was trained with proprio_dims={proprio_dims} but holds "
+                            f"no state statistics for {name!r}; re-export it from the run.")
   return VLAPolicy(VLA(experiment.model), params, Tokenizer.from_path(tokenizer), stats,
-                   use_cache=use_cache)
+                   use_cache=use_cache, proprio_dims=proprio_dims, state_stats=state_stats)
