@@ -402,12 +402,46 @@ def _object_sprites(state: EnvState) -> rnd.Sprites:
                           g("colour"), g("colour2"), g("pattern"), blend)
 
 
-def render(state: EnvState, image_size: int = 64) -> jax.Array:
-  """The camera image uint8 [image_size, image_size, 3] (image_size static)."""
+def _max_reach(sizes, shapes, image_size: int) -> float:
+  """Largest `render.sprite_reach` over catalogue rows (sizes [N], shape parameters [N, 8])."""
+  return max(rnd.sprite_reach(float(size), float(shape[0]), image_size)
+             for size, shape in zip(sizes, shapes))
+
+
+def _row_reach(state: EnvState, image_size: int) -> tuple:
+  """Static `render.sprite_reach` of each row `render` draws (None: the arm, any length).
+
+  Rows: scenery (receptacles, or VL-Think's 3 boards then their symbol slots), the
+  shadow, the objects, then arm, two fingers, wrist (`_effector_sprites`).
+  """
+  boards = 3
+  if state.scenery.xy.shape[0] == boards * (1 + cat.SYMBOL_SLOTS):
+    real = _SYMBOLS["alpha"] > 0  # empty slots have alpha 0 and draw nothing anywhere
+    scenery = ((rnd.sprite_reach(cat.BOARD_SIZE, 1.0, image_size),) * boards
+               + (_max_reach(_SYMBOLS["size"][real], _SYMBOLS["shape"][real], image_size),)
+               * (boards * cat.SYMBOL_SLOTS))
+  else:
+    scenery = (_max_reach(_REC["size"], _REC["shape"], image_size),) * state.scenery.xy.shape[0]
+  objects = (_max_reach(_OBJ["size"], _OBJ["shape"], image_size),) * state.obj_xy.shape[0]
+  return (scenery + (rnd.sprite_reach(0.016, 1.0, image_size),) + objects
+          + (None,) + (rnd.sprite_reach(0.018, 0.35, image_size),) * 2
+          + (rnd.sprite_reach(0.009, 1.0, image_size),))
+
+
+def _scene(state: EnvState):
   shadow, effector = _effector_sprites(state)
   sprites = rnd.concat_sprites(state.scenery, shadow, _object_sprites(state), effector)
-  return rnd.render_scene(sprites, state.table_tex, state.background_tex, state.blend_tex,
-                          state.whole_blend, image_size)
+  return sprites, state.table_tex, state.background_tex, state.blend_tex, state.whole_blend
+
+
+def render(state: EnvState, image_size: int = 64) -> jax.Array:
+  """The camera image uint8 [image_size, image_size, 3] (image_size static)."""
+  return rnd.render_scene(*_scene(state), image_size, reach=_row_reach(state, image_size))
+
+
+def render_reference(state: EnvState, image_size: int = 64) -> jax.Array:
+  """`render` by `render.render_reference` (every row at every pixel): the same image."""
+  return rnd.render_reference(*_scene(state), image_size)
 
 
 def observe(state: EnvState, image_size: int = 64) -> Dict[str, jax.Array]:

@@ -4,8 +4,17 @@ The camera is fixed and oblique: the table plane is seen from above and in front
 lift things up the image, and a band of background "wall" shows beyond the far table edge.
 Every drawable is a `Sprites` row (one generic signed-distance shape with a colour pattern);
 a scene is rendered by evaluating all rows at once (vmapped, no per-object Python loop) and
-alpha-compositing them in order. Works at any resolution; cost is O(rows x pixels).
+alpha-compositing them in order. Works at any resolution.
+
+Two renderers give bit-identical images (tests/sim/test_render.py): `render_reference`
+evaluates every texture family and every sprite at every pixel (O(rows x pixels));
+`render_scene` reads textures from per-resolution tables computed once by the same code
+(`texture_tables`) and evaluates each sprite only in a static window around it that holds
+every pixel it can touch (`sprite_reach`), except rows the caller marks as unbounded.
 """
+
+import concurrent.futures
+import functools
 
 from typing import NamedTuple
 
@@ -190,9 +199,11 @@ def _sprite_layer(sprite: Sprites, u, v, blend_rgb, pixel):
   return alpha, rgb
 
 
-def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_blend,
-                 image_size: int) -> jax.Array:
-  """Renders one scene.
+def render_reference(sprites: Sprites, table_tex, background_tex, blend_tex, whole_blend,
+                     image_size: int) -> jax.Array:
+  """Renders one scene the direct way (every texture family, every row at every pixel).
+
+  The specification of `render_scene`, kept for tests and benchmarks/sim_speed.py.
 
   Args:
     sprites: rows in draw order (later rows cover earlier ones).
@@ -222,5 +233,103 @@ def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_b
     return canvas * (1 - alpha[..., None]) + rgb * alpha[..., None], None
 
   image, _ = jax.lax.scan(over, image, (alphas, colours))
+  image = (1 - whole_blend) * image + whole_blend * blend_rgb
+  return jnp.round(jnp.clip(image, 0, 1) * 255).astype(jnp.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def texture_tables(image_size: int):
+  """Every texture at every pixel, computed once per resolution with `texture` itself.
+
+  Returns:
+    (table [T, S, S, 3], wall [T, S, S, 3]) float32 numpy: texture t on the table plane
+    (also the blend texture's coordinates) and on the background wall.
+  """
+  ids = np.arange(len(_TEX), dtype=np.int32)
+
+  def both(tex_id):
+    # As in `render_reference`: the pixel grid is a constant of the compiled program, so
+    # XLA folds the same subexpressions and the values match to the bit.
+    u, v = _pixel_grid(image_size)
+    x = (u - 0.5) * 2 * X_HALF
+    return (texture(tex_id, jnp.stack([x, table_y(v, 0.0)], -1)),
+            texture(tex_id, jnp.stack([x, (V_FAR - v) * 0.5], -1)))
+
+  def compute():
+    table, wall = jax.jit(jax.vmap(both))(ids)
+    return np.asarray(table), np.asarray(wall)
+
+  # Callers trace (jit, vmap); JAX's trace state is per thread, so a fresh thread computes
+  # concrete tables that become constants of the caller's program.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(compute).result()
+
+
+def sprite_reach(size: float, aspect: float, image_size: int) -> float:
+  """Distance (m) from a sprite's centre beyond which it leaves every pixel untouched.
+
+  For `shape_sdf` shapes with radius <= 1 (all catalogue shapes): alpha > 0 needs
+  dist < pixel / 2, i.e. rho < 1 + pixel / (2 size min(aspect, 1)).
+  """
+  pixel = 0.5 * (2 * X_HALF / image_size + 1.0 / (image_size * SY))
+  return size * max(1.0, aspect) + 0.5 * pixel * max(1.0, aspect) / min(aspect, 1.0)
+
+
+def _window(reach: float, image_size: int) -> int:
+  """Static side (pixels) of a window that holds a sprite of `reach` metres."""
+  per_m = image_size * max(1.0 / (2 * X_HALF), SY)
+  return 2 * int(np.ceil(reach * per_m)) + 3
+
+
+def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_blend,
+                 image_size: int, reach=None) -> jax.Array:
+  """Renders one scene, bit-identical to `render_reference`.
+
+  Args:
+    sprites: rows in draw order (later rows cover earlier ones).
+    table_tex, background_tex, blend_tex: texture ids (int32 scalars).
+    whole_blend: ratio of the blend texture mixed over the whole image.
+    image_size: output side in pixels (static).
+    reach: static tuple, per row, of `sprite_reach` (m), or None for a row evaluated at
+      every pixel; None (default) evaluates every row at every pixel.
+  Returns:
+    uint8 image [image_size, image_size, 3].
+  """
+  n = sprites.xy.shape[0]
+  reach = (None,) * n if reach is None else tuple(reach)
+  if len(reach) != n:
+    raise ValueError(f"reach must give one entry per sprite row ({n}), got {len(reach)}.")
+  u, v = _pixel_grid(image_size)
+  x = (u - 0.5) * 2 * X_HALF
+  y0 = table_y(v, 0.0)
+  pixel = 0.5 * (2 * X_HALF / image_size + 1.0 / (image_size * SY))
+  tables, walls = texture_tables(image_size)
+  table = jnp.asarray(tables)[table_tex]
+  wall = jnp.asarray(walls)[background_tex]
+  edge = jnp.clip((y0 - (Y_FAR - 0.008)) / pixel, 0, 1)[..., None]
+  wall_mix = jnp.clip((y0 - Y_FAR) / pixel, 0, 1)[..., None]
+  image = (1 - edge) * table + edge * 0.6 * table
+  image = (1 - wall_mix) * image + wall_mix * wall
+  blend_rgb = jnp.asarray(tables)[blend_tex]
+  for i in range(n):
+    row = jax.tree.map(lambda a, i=i: a[i], sprites)
+    side = None if reach[i] is None else _window(reach[i], image_size)
+    if side is None or side >= image_size:
+      alpha, rgb = _sprite_layer(row, u, v, blend_rgb, pixel)
+      image = image * (1 - alpha[..., None]) + rgb * alpha[..., None]
+      continue
+    centre = project(jnp.concatenate([row.xy, row.z[None]]))
+    start = jnp.clip(jnp.floor(centre * image_size).astype(jnp.int32) - side // 2, 0,
+                     image_size - side)  # (column, row)
+    cut = lambda a: jax.lax.dynamic_slice(
+        a, (start[1], start[0]) + (0,) * (a.ndim - 2), (side, side) + a.shape[2:])
+    # The window's pixel centres, computed as `_pixel_grid` does (same values).
+    cols = (start[0] + jnp.arange(side)).astype(jnp.float32)
+    rows = (start[1] + jnp.arange(side)).astype(jnp.float32)
+    wv, wu = jnp.meshgrid((rows + 0.5) / image_size, (cols + 0.5) / image_size,
+                          indexing="ij")
+    alpha, rgb = _sprite_layer(row, wu, wv, cut(blend_rgb), pixel)
+    patch = cut(image) * (1 - alpha[..., None]) + rgb * alpha[..., None]
+    image = jax.lax.dynamic_update_slice(image, patch, (start[1], start[0], 0))
   image = (1 - whole_blend) * image + whole_blend * blend_rgb
   return jnp.round(jnp.clip(image, 0, 1) * 255).astype(jnp.uint8)
