@@ -74,19 +74,26 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 _leaf_checksum_jit = jax.jit(_leaf_checksum)
 
 
-def _local(x: jax.Array) -> jax.Array:
-  # A replicated result of a multi-host computation: each process holds all of it.
-  return x.addressable_data(0) if x.sharding.is_fully_replicated else x
+def _checksum(x: jax.Array) -> jax.Array:
+  """uint32 [2] of `x` on its devices; the host holds it (replicated) when this returns."""
+  total = _leaf_checksum_jit(x)
+  if len(x.sharding.device_set) == 1:
+    return total  # read later with the others: no need to wait
+  # A sum over devices ends in an all-reduce. Many of them in flight at once can starve
+  # XLA:CPU's shared thread pool (a rendezvous timeout with fake devices): one at a time.
+  total = total.block_until_ready()
+  # Replicated: every process holds all of it, also when other hosts hold other shards.
+  return total.addressable_data(0) if total.sharding.is_fully_replicated else total
 
 
 def array_checksums(tree: Any) -> Dict[str, Dict[str, Any]]:
   """{leaf path (`jax.tree_util.keystr`): {"checksum": 16 hex digits, "dtype", "shape"}}.
 
-  Each array is summed where it is (any mesh, any number of hosts); all are dispatched
-  before the results are read in one transfer of 8 bytes per array.
+  Each array is summed where it is (any mesh, any number of hosts); the results come to
+  the host in one transfer of 8 bytes per array.
   """
   with_paths = [(path, jnp.asarray(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
-  sums = jax.device_get([_local(_leaf_checksum_jit(x)) for _, x in with_paths])
+  sums = jax.device_get([_checksum(x) for _, x in with_paths])
   return {jax.tree_util.keystr(path): {"checksum": "%08x%08x" % (int(a), int(b)),
                                        "dtype": x.dtype.name, "shape": list(x.shape)}
           for (path, x), (a, b) in zip(with_paths, sums)}
