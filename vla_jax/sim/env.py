@@ -436,7 +436,13 @@ def _scene(state: EnvState):
 
 def render(state: EnvState, image_size: int = 64) -> jax.Array:
   """The camera image uint8 [image_size, image_size, 3] (image_size static)."""
-  return rnd.render_scene(*_scene(state), image_size, reach=_row_reach(state, image_size))
+  reach = _row_reach(state, image_size)
+  # Solid, unblended rows: board symbols (VL-Think), shadow, arm, fingers, wrist.
+  n_scenery, n_obj = state.scenery.xy.shape[0], state.obj_xy.shape[0]
+  vlthink = n_scenery == 3 * (1 + cat.SYMBOL_SLOTS)
+  plain = (tuple(vlthink and i >= 3 for i in range(n_scenery)) + (True,)
+           + (False,) * n_obj + (True,) * 4)
+  return rnd.render_scene(*_scene(state), image_size, reach=reach, plain=plain)
 
 
 def render_reference(state: EnvState, image_size: int = 64) -> jax.Array:

@@ -199,6 +199,15 @@ def _sprite_layer(sprite: Sprites, u, v, blend_rgb, pixel):
   return alpha, rgb
 
 
+def _plain_layer(sprite: Sprites, u, v, pixel):
+  """`_sprite_layer` of a solid (pattern 0), unblended row: the same values, computed
+  without the pattern and blend terms (they add exact zeros there)."""
+  points = jnp.stack([(u - 0.5) * 2 * X_HALF, table_y(v, sprite.z)], -1)
+  dist, _ = shape_sdf(points, sprite.xy, sprite.yaw, sprite.size, sprite.shape)
+  alpha = jnp.clip(0.5 - dist / pixel, 0, 1) * sprite.alpha
+  return alpha, jnp.broadcast_to(sprite.colour, alpha.shape + (3,))
+
+
 def render_reference(sprites: Sprites, table_tex, background_tex, blend_tex, whole_blend,
                      image_size: int) -> jax.Array:
   """Renders one scene the direct way (every texture family, every row at every pixel).
@@ -282,7 +291,7 @@ def _window(reach: float, image_size: int) -> int:
 
 
 def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_blend,
-                 image_size: int, reach=None) -> jax.Array:
+                 image_size: int, reach=None, plain=None) -> jax.Array:
   """Renders one scene, bit-identical to `render_reference`.
 
   Args:
@@ -292,11 +301,14 @@ def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_b
     image_size: output side in pixels (static).
     reach: static tuple, per row, of `sprite_reach` (m), or None for a row evaluated at
       every pixel; None (default) evaluates every row at every pixel.
+    plain: static tuple of bools, per row: True promises a solid, unblended row (pattern
+      "solid", blend 0), drawn without the pattern code; None: no such rows.
   Returns:
     uint8 image [image_size, image_size, 3].
   """
   n = sprites.xy.shape[0]
   reach = (None,) * n if reach is None else tuple(reach)
+  plain = (False,) * n if plain is None else tuple(plain)
   if len(reach) != n:
     raise ValueError(f"reach must give one entry per sprite row ({n}), got {len(reach)}.")
   u, v = _pixel_grid(image_size)
@@ -314,8 +326,10 @@ def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_b
   for i in range(n):
     row = jax.tree.map(lambda a, i=i: a[i], sprites)
     side = None if reach[i] is None else _window(reach[i], image_size)
+    layer = ((lambda uu, vv, _: _plain_layer(row, uu, vv, pixel)) if plain[i] else
+             (lambda uu, vv, bb: _sprite_layer(row, uu, vv, bb, pixel)))
     if side is None or side >= image_size:
-      alpha, rgb = _sprite_layer(row, u, v, blend_rgb, pixel)
+      alpha, rgb = layer(u, v, blend_rgb)
       image = image * (1 - alpha[..., None]) + rgb * alpha[..., None]
       continue
     centre = project(jnp.concatenate([row.xy, row.z[None]]))
@@ -328,7 +342,7 @@ def render_scene(sprites: Sprites, table_tex, background_tex, blend_tex, whole_b
     rows = (start[1] + jnp.arange(side)).astype(jnp.float32)
     wv, wu = jnp.meshgrid((rows + 0.5) / image_size, (cols + 0.5) / image_size,
                           indexing="ij")
-    alpha, rgb = _sprite_layer(row, wu, wv, cut(blend_rgb), pixel)
+    alpha, rgb = layer(wu, wv, None if plain[i] else cut(blend_rgb))
     patch = cut(image) * (1 - alpha[..., None]) + rgb * alpha[..., None]
     image = jax.lax.dynamic_update_slice(image, patch, (start[1], start[0], 0))
   image = (1 - whole_blend) * image + whole_blend * blend_rgb
