@@ -60,11 +60,26 @@ def _with_coeff(experiment, coeff):
                              align=dataclasses.replace(experiment.align, align_coeff=coeff))
 
 
+_TRAIN_STEPS = {}
+
+
+def jitted_train_step(models, experiment, train_config):
+  """The jitted train step of (experiment, train_config), built once per process.
+
+  Tests that train the same setup share one function, so it is traced and compiled once
+  (compiling, not running, is what a tiny model's step costs on the CPU).
+  """
+  key = (experiment, train_config)
+  if key not in _TRAIN_STEPS:
+    _TRAIN_STEPS[key] = jax.jit(step_lib.make_train_step(models, experiment, train_config,
+                                                         ACTION_TOKENIZER))
+  return _TRAIN_STEPS[key]
+
+
 def _run(experiment, models, params, train_config, batches):
   state, frozen = state_lib.create_train_state(experiment, train_config, params,
                                                jax.random.key(1))
-  train_step = jax.jit(step_lib.make_train_step(models, experiment, train_config,
-                                                ACTION_TOKENIZER))
+  train_step = jitted_train_step(models, experiment, train_config)
   history = []
   for batch in batches:
     state, metrics = train_step(state, frozen, batch)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from tests.train.helpers import ACTION_TOKENIZER, make_batch, small_experiment
-from tests.train.helpers import _config, _run, _with_coeff
+from tests.train.helpers import _config, _run, _with_coeff, jitted_train_step
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models.vla import vla_config
 from vla_jax.train import state as state_lib
@@ -68,12 +68,16 @@ def _plain_sft_update(models, experiment, params, batch, train_config):
     log_probs = jax.nn.log_softmax(logits[rows, predicted_at], axis=-1)
     return -jnp.mean(log_probs[np.arange(len(rows)), targets])
 
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params["student"])
   tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm),
                    optax.adamw(train_config.learning_rate, eps=train_config.adam_eps,
                                weight_decay=train_config.weight_decay))
-  updates, _ = tx.update(grads, tx.init(params["student"]), params["student"])
-  return loss, optax.apply_updates(params["student"], updates)
+
+  def update(student):  # one jit: run eagerly, the optimiser compiles hundreds of tiny ops
+    loss, grads = jax.value_and_grad(loss_fn)(student)
+    updates, _ = tx.update(grads, tx.init(student), student)
+    return loss, optax.apply_updates(student, updates)
+
+  return jax.jit(update)(params["student"])
 
 
 def test_align_coeff_zero_equals_plain_sft(setup):
@@ -153,9 +157,9 @@ def test_train_overrides_set_dtype_and_remat(setup):
 
 def test_nonfinite_step_skips_the_update(setup):
   experiment, models, params = setup
-  config = _config()
+  config = _config()  # the step test_align_training trains with: compiled once per process
   state, frozen = state_lib.create_train_state(experiment, config, params, jax.random.key(1))
-  train_step = jax.jit(step_lib.make_train_step(models, experiment, config, ACTION_TOKENIZER))
+  train_step = jitted_train_step(models, experiment, config)
   good, metrics = train_step(state, frozen, make_batch(0))
   assert float(metrics["nonfinite"]) == 0.0 and int(good.step) == 1
   # One NaN weight makes the loss NaN: the step must count it and leave state untouched.
