@@ -1,5 +1,7 @@
 """Probe, attention, t-SNE, greedy decoding and open-loop metrics on a small random VLA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +27,15 @@ def student():
   experiment = small_experiment(depth=2, vocab_size=640)
   model = VLA(experiment.model)
   images = jnp.zeros((1, 64, 64, 3))
-  params = model.init(jax.random.key(0), images, jnp.ones((1, 4), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), images, jnp.ones((1, 4), jnp.int32))["params"]
   return model, params
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("align_layer",
+                                                               "return_all_hidden"))
+def _apply(model, params, images, tokens, input_mask=None, **kwargs):
+  """`model.apply` compiled as one program (run eagerly, each of its ops compiles alone)."""
+  return model.apply({"params": params}, images, tokens, input_mask, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +75,7 @@ def test_student_features_do_not_depend_on_the_prompt(student):
   images = _images(2)
   features = probe_lib.student_features(model, params, images, layer=1)
   tokens = np.array([[1, 17, 42, 9], [1, 5, 6, 7]], np.int32)
-  out = model.apply({"params": params}, images, tokens, align_layer=1)
+  out = _apply(model, params, images, tokens, align_layer=1)
   np.testing.assert_allclose(features, np.asarray(out["align_hidden"]).mean(1), atol=1e-5)
 
 
@@ -78,13 +87,12 @@ def test_attention_probs_rebuild_the_next_hidden_state(student):
   tokens = np.array([[1, 30, 31, 32, 33, 0], [1, 40, 41, 0, 0, 0]], np.int32)
   lengths = np.array([5, 3], np.int32)
   mask = np.arange(6)[None] < lengths[:, None]
-  out = model.apply({"params": params}, _images(2), tokens, mask, return_all_hidden=True)
+  out = _apply(model, params, _images(2), tokens, mask, return_all_hidden=True)
   attn_mask, positions = attention_lib.sequence_mask_and_positions(model, jnp.asarray(mask))
-  for layer in range(cfg.depth):
-    block = params["llm"][f"layers_{layer}"]
-    x = out["hidden"][layer]
+
+  @jax.jit  # one program for both layers (same shapes)
+  def probs_and_next_hidden(block, x):
     probs = attention_lib.attention_probs(cfg, block, x, attn_mask, positions)
-    np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, atol=1e-5)
     h = llm_lib.RMSNorm(cfg.family, cfg.norm_eps).apply(
         {"params": block["pre_attention_norm"]}, x)
     hd, group = cfg.effective_head_dim, cfg.num_heads // cfg.effective_num_kv_heads
@@ -93,7 +101,11 @@ def test_attention_probs_rebuild_the_next_hidden_state(student):
     encoded = jnp.einsum("bhqs,bshd->bqhd", probs, v).reshape(*x.shape[:2], -1)
     x = x + encoded @ block["attn"]["o_proj"]["kernel"]
     h = llm_lib.RMSNorm(cfg.family, cfg.norm_eps).apply({"params": block["pre_ffw_norm"]}, x)
-    x = x + llm_lib.MLP(cfg).apply({"params": block["mlp"]}, h)
+    return probs, x + llm_lib.MLP(cfg).apply({"params": block["mlp"]}, h)
+
+  for layer in range(cfg.depth):
+    probs, x = probs_and_next_hidden(params["llm"][f"layers_{layer}"], out["hidden"][layer])
+    np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(x), np.asarray(out["hidden"][layer + 1]), atol=2e-4)
 
 
@@ -104,8 +116,9 @@ def test_visual_attention_ignores_padding_and_normalises(student):
   short = np.array([row, row], np.int32)
   padded = np.array([row + [0, 0], row + [0, 0]], np.int32)
   lengths = np.array([4, 4], np.int32)
-  a = attention_lib.visual_attention(model, params, images, short, lengths, (0, 1))
-  b = attention_lib.visual_attention(model, params, images, padded, lengths, (0, 1))
+  maps = jax.jit(attention_lib.visual_attention, static_argnums=(0, 5))  # not op by op
+  a = maps(model, params, images, short, lengths, (0, 1))
+  b = maps(model, params, images, padded, lengths, (0, 1))
   assert a.shape == (2, 2, 8, 8)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   assert 0 < float(a.sum((2, 3)).max()) <= 1.0 + 1e-6
@@ -125,8 +138,8 @@ def test_object_token_positions_and_tsne_plot(student, tokenizer, tmp_path):
     assert index[row] == len(upto) - 1 and tokens[row, index[row]] == upto[-1]
   embeddings = tsne_lib.object_token_embeddings(model, params, _images(2), tokens, lengths,
                                                 index, layer=1)
-  out = model.apply({"params": params}, _images(2), tokens,
-                    np.arange(tokens.shape[1])[None] < lengths[:, None], return_all_hidden=True)
+  out = _apply(model, params, _images(2), tokens,
+               np.arange(tokens.shape[1])[None] < lengths[:, None], return_all_hidden=True)
   n = model.config.num_visual_tokens
   np.testing.assert_allclose(embeddings[1], np.asarray(out["hidden"][1][1, index[1] + n]),
                              atol=1e-5)
@@ -151,21 +164,19 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(student, tokenizer)
   texts = ["put the red cube on the plate", "put the lime flower on the plate"]
   tokens, lengths = policy.prompt_batch(texts)
   assert lengths[0] != lengths[1]  # rows of different length share one padded buffer
+  # Called as the policy calls it, so that `policy(...)` below reuses this compilation.
+  full = np.asarray(policy_lib.greedy_action_tokens(model, params, policy.preprocess(images),
+                                                    tokens, lengths, 7, use_cache=True))
   steps = 3  # each step of the plain loop below compiles anew; three show the recursion
-  batched = np.asarray(policy_lib.greedy_action_tokens(model, params, policy.preprocess(images),
-                                                       tokens, lengths, steps))
   for row, text in enumerate(texts):
     ids = list(tokens[row, :lengths[row]])
     for _ in range(steps):  # the plain loop: re-run the unpadded sequence, append the argmax
-      logits = model.apply({"params": params}, policy.preprocess(images[row:row + 1]),
-                           np.asarray([ids], np.int32))["logits"]
+      logits = _apply(model, params, policy.preprocess(images[row:row + 1]),
+                      np.asarray([ids], np.int32))["logits"]
       ids.append(int(jnp.argmax(logits[0, -1])))
-    assert list(batched[row]) == ids[-steps:], text
+    assert list(full[row, :steps]) == ids[-steps:], text
   actions = policy(images, texts, np.zeros((2, 7), np.float32))
   assert actions.shape == (2, 7) and actions.dtype == np.float32 and np.isfinite(actions).all()
-  full = np.asarray(policy_lib.greedy_action_tokens(model, params, policy.preprocess(images),
-                                                    tokens, lengths, 7))
-  np.testing.assert_array_equal(full[:, :steps], batched)
   expected = _stats().unnormalize(policy.action_tokenizer.decode(full.astype(np.int64)))
   np.testing.assert_allclose(actions, expected, rtol=1e-6)
 
@@ -201,8 +212,9 @@ def test_open_loop_metrics_are_perfect_on_the_models_own_predictions(student):
   batch["actions"] = action_tokenizer.decode(tokens[:, 4:7].astype(np.int64)).astype(np.float32)
   before = open_loop.open_loop_metrics(model, params, [batch], action_tokenizer, stats)
   # Causality: after k rounds of writing back the predictions, the first k are fixed points.
+  predict = jax.jit(open_loop.predicted_action_tokens, static_argnums=0)
   for _ in range(3):
-    predicted = np.asarray(open_loop.predicted_action_tokens(model, params, batch))
+    predicted = np.asarray(predict(model, params, batch))
     batch = dict(batch, tokens=np.concatenate([tokens[:, :4], predicted[:, 4:7], tokens[:, 7:]], 1))
   batch["actions"] = action_tokenizer.decode(
       batch["tokens"][:, 4:7].astype(np.int64)).astype(np.float32)
