@@ -24,7 +24,8 @@ def test_noop_filter_drops_tiny_actions_but_keeps_gripper_changes():
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
   root = tmp_path_factory.mktemp("cache")
-  return str(root), bundled.bundled_dataset_dir(str(root), num_train=4, num_val=2,
+  # As many val as train episodes: both splits run the expert with one compiled program.
+  return str(root), bundled.bundled_dataset_dir(str(root), num_train=3, num_val=3,
                                                 progress=False)
 
 
@@ -34,7 +35,7 @@ def test_bundled_dataset_reads_back_with_the_contract(small_bundle):
   assert [p for p in os.listdir(root) if p.startswith(".tmp")] == []
   builder = tfds.builder_from_directory(path)
   assert builder.name == "tabletop"
-  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 4, "val": 2}
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "val": 3}
   steps_spec = builder.info.features["steps"]
   assert steps_spec["observation"]["image"].shape == (64, 64, 3)
   for episode in builder.as_dataset(split="train"):
@@ -61,7 +62,7 @@ def test_bundled_dataset_is_cached_and_env_var_respected(small_bundle, monkeypat
   root, path = small_bundle
   info = os.path.join(path, "dataset_info.json")
   before = os.path.getmtime(info)
-  assert bundled.bundled_dataset_dir(root, num_train=4, num_val=2) == path
+  assert bundled.bundled_dataset_dir(root, num_train=3, num_val=3) == path
   assert os.path.getmtime(info) == before
   monkeypatch.setenv("VLA_JAX_CACHE", str(tmp_path))
   assert bundled.cache_root() == str(tmp_path)
@@ -69,6 +70,7 @@ def test_bundled_dataset_is_cached_and_env_var_respected(small_bundle, monkeypat
   assert bundled.cache_root().endswith(os.path.join(".cache", "vla_jax"))
 
 
+@pytest.mark.slow  # a VL-Think layout at another resolution: its own compiled programs
 def test_demos_of_an_ood_split(tmp_path):
   path = demos.write_demos(str(tmp_path), {"test": ("vlthink_colour", [5, 6])}, image_size=32,
                            progress=False)

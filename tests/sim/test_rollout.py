@@ -1,4 +1,4 @@
-"""Rendering at several resolutions and rollouts of the scripted and random policies."""
+"""Rendering at several resolutions and rollouts of the random and scripted policies."""
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +22,18 @@ def test_render_any_resolution_shows_the_effector(size):
   assert changed.mean() > 0.005 and cols.min() < 0.5 < cols.max()
 
 
-def test_rollout_scripted_and_random_policies():
-  scripted = rollout.rollout(rollout.scripted_policy(), "vlthink_arrow", range(6), frames=True,
-                             progress=False)
-  assert scripted.success.all() and scripted.frames.shape[1:] == (6, 64, 64, 3)
-  assert all("arrow pointing" in text for text in scripted.instructions)
-  randomly = rollout.rollout(rollout.random_policy(0), "train", range(6), max_steps=20,
+def test_random_policy_runs_to_the_step_limit():
+  # Three environments of one layout, as in tests/eval/test_sim_eval.py: the same programs.
+  randomly = rollout.rollout(rollout.random_policy(0), "train", range(3), max_steps=20,
                              progress=False)
   assert randomly.success_rate < 0.5 and (randomly.steps == 20).all()
+
+
+@pytest.mark.slow  # up to 80 steps on a VL-Think layout (its own compiled env programs)
+def test_scripted_policy_solves_a_vlthink_split():
+  # Unmarked, tests/eval/test_sim_eval.py rolls the expert out on two splits for 20 steps
+  # and checks each episode against the in-jit expert's success.
+  scripted = rollout.rollout(rollout.scripted_policy(), "vlthink_arrow", range(3), frames=True,
+                             progress=False)
+  assert scripted.success.all() and scripted.frames.shape[1:] == (3, 64, 64, 3)
+  assert all("arrow pointing" in text for text in scripted.instructions)
