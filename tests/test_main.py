@@ -24,10 +24,16 @@ def _config(preset="tiny"):
   return config
 
 
-def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
+def _llama2_config(shared_data):
+  """The tiny default prompted through the real Llama-2 tokenizer."""
   config = _config()
   config.tokenizer = str(shared_data / "tokenizers" / "llama2.model")
   config.model.llm.vocab_size = 32064  # Llama-2's 32000 ids + <PAD>, padded to 64
+  return config
+
+
+def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
+  config = _llama2_config(shared_data)
   summary = main_lib.describe(config, str(tmp_path))
   assert summary["visual_tokens"] == {"start": 1, "count": 64, "grid": 8}
   assert summary["align_hidden_shape"] == [2, 64, 128]
@@ -37,8 +43,8 @@ def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
   assert json.loads((tmp_path / "describe.json").read_text())["preset"] == "tiny"
 
 
-def test_convert_teacher_then_describe_from_orbax(tmp_path):
-  config = _config()
+def test_convert_teacher_then_describe_from_orbax(tmp_path, shared_data):
+  config = _llama2_config(shared_data)  # describe's programs: compiled once in this module
   teacher = vit_lib.ViTConfig(**config.teacher.vit.to_dict())
   rng = np.random.default_rng(0)
   params = {k: rng.normal(size=v.shape).astype(np.float32) * 0.02
@@ -61,6 +67,22 @@ def test_convert_without_weights_is_a_clear_error(tmp_path):
     main_lib.convert(_config(), str(tmp_path))
 
 
+def test_main_turns_bad_input_into_one_error_line(tmp_path, monkeypatch):
+  """In process: what the CLI test below checks in a subprocess (the `slow` one)."""
+  from absl import flags
+  argv = ["vla_jax", f"--workdir={tmp_path}", "--mode=convert",
+          f"--config={REPO / 'configs' / 'align.py'}",
+          f"--config.weights.student={tmp_path}/missing", "--config.weights.teacher="]
+  monkeypatch.setattr(sys, "argv", argv)  # config overrides are read from sys.argv
+  flags.FLAGS(argv)
+  try:
+    with pytest.raises(SystemExit, match="^error: No checkpoint at"):
+      main_lib.main(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow  # a subprocess: a second Python that imports JAX and TensorFlow
 def test_cli_reports_bad_input_without_traceback(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(

@@ -111,12 +111,13 @@ def _demo_batch(config, experiment, batch_size: int):
 
 def describe(config, workdir: str) -> dict:
   experiment = experiment_lib.parse_config(config)
+  # The prompt first: a tokenizer the LLM cannot embed is refused before anything compiles.
+  images, tokens, token_source = _demo_batch(config, experiment, config.batch_size)
   models = modeling.build_models(experiment)
   start = time.perf_counter()
   params = modeling.init_params(models, experiment, jax.random.key(config.seed))
   params = modeling.load_checkpoints(params, models, experiment, config.weights)
   init_s = time.perf_counter() - start
-  images, tokens, token_source = _demo_batch(config, experiment, config.batch_size)
 
   forward = jax.jit(lambda p, i, t: modeling.aligned_forward(models, experiment, p, i, t))
   start = time.perf_counter()
