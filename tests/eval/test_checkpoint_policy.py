@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from vla_jax.errors import CheckpointError, InputError
+from vla_jax.errors import CheckpointError, ConfigError, InputError
 from vla_jax.eval import commands
 from vla_jax.eval import config as eval_config_lib
 from vla_jax.eval import policy as policy_lib
@@ -27,6 +27,7 @@ def _config(data_dir, tokenizer):
   config.data.shuffle_buffer = 64
   config.data.max_length = 96  # the small test tokenizer needs more ids per prompt
   config.data.proprio_dims = (2, 6)  # height and gripper opening in the prompt
+  config.data.action_horizon = 2  # action chunks (the H = 1 policy: tests/serve, test_image_*)
   config.model.llm.depth = 2
   config.align.align_layer = 1
   config.train.num_steps = 2
@@ -56,18 +57,27 @@ def test_run_checkpoint_policy_returns_finite_actions(trained):
   assert policy.proprio_dims == (2, 6) and policy.state_stats.dim == 7
   images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
   states = np.array([[0.0, -0.19, 0.1, 0, 0, 0, 1.0]] * 3, np.float32)
+  assert policy.action_horizon == 2 and policy.execute_steps == 2
   actions = policy(images, ["put the red cube on the plate"] * 3, states)
-  assert actions.shape == (3, 7) and actions.dtype == np.float32
+  assert actions.shape == (3, 2, 7) and actions.dtype == np.float32  # one chunk per frame
   assert np.isfinite(actions).all()
+  np.testing.assert_array_equal(
+      policy.predict_chunk(images, ["put the red cube on the plate"] * 3, states), actions)
+  first = policy_lib.load_policy(workdir, execute_steps=1)
+  np.testing.assert_array_equal(first(images, ["put the red cube on the plate"] * 3, states),
+                                actions[:, :1])
+  with pytest.raises(ConfigError, match="execute_steps=3"):
+    policy_lib.load_policy(workdir, execute_steps=3)
   # Un-normalised with the run's statistics: within the dataset's q01..q99 range.
   stats = policy.norm_stats
   dims = stats.mask
-  assert np.all(actions[:, dims] >= stats.q01[dims] - 1e-5)
-  assert np.all(actions[:, dims] <= stats.q99[dims] + 1e-5)
+  assert np.all(actions[..., dims] >= stats.q01[dims] - 1e-5)
+  assert np.all(actions[..., dims] <= stats.q99[dims] + 1e-5)
   exported = checkpoint.export_latest(os.path.join(workdir, "checkpoints"),
                                       os.path.join(workdir, "export"))
   from_export = policy_lib.load_policy(exported)
-  assert from_export.proprio_dims == (2, 6)  # the export keeps the prompt's layout
+  # The export keeps the prompt's layout and the chunk length.
+  assert from_export.proprio_dims == (2, 6) and from_export.action_horizon == 2
   np.testing.assert_array_equal(
       from_export(images, ["put the red cube on the plate"] * 3, states), actions)
   with pytest.raises(InputError, match="pass states"):

@@ -102,3 +102,12 @@ def test_compare_pairs_seeds_and_tests_one_sided():
 def test_unknown_split_is_a_config_error():
   with pytest.raises(ConfigError, match="Known splits"):
     sim_eval.evaluate(rollout.random_policy(), ["nope"], [0], progress=False)
+
+
+def test_a_second_seed_set_is_disjoint_from_the_default_one():
+  default = sim_eval.eval_seeds(32)
+  second = sim_eval.eval_seeds(64, first=100)
+  assert len(second) == 64 and not set(default) & set(second)
+  assert sim_eval.eval_seeds(8) == default[:8]  # the default set is a prefix: shared seeds
+  with pytest.raises(ConfigError, match="must be >= 0"):
+    sim_eval.eval_seeds(4, first=-1)

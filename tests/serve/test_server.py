@@ -5,7 +5,6 @@ compared with the in-process policy called on that request alone (batch of one).
 """
 
 import concurrent.futures
-import inspect
 
 import json_numpy
 import numpy as np
@@ -201,8 +200,6 @@ def test_batch_sizes_are_powers_of_two_then_max_batch():
   assert server_lib.batch_sizes(6) == (1, 2, 4, 6)
 
 
-@pytest.mark.skipif("proprio_dims" not in inspect.signature(VLAPolicy).parameters,
-                    reason="VLAPolicy reads no robot state in this version")
 def test_a_policy_that_reads_state_gets_it_per_request(tiny_policy):
   stats = action_stats(-0.2, 0.2)
   policy = VLAPolicy(tiny_policy.model, tiny_policy.params, tiny_policy.tokenizer, stats,
@@ -216,8 +213,25 @@ def test_a_policy_that_reads_state_gets_it_per_request(tiny_policy):
   actions = serving.infer(queries)
   for i in range(2):
     np.testing.assert_array_equal(
-        actions[i], policy(data["images"][i:i + 1], [str(data["prompts"][i])], states[i:i + 1])[0])
+        actions[i][0], policy(data["images"][i:i + 1], [str(data["prompts"][i])], states[i:i + 1])[0])
   with pytest.raises(InputError, match="reads a robot state of 7"):
     inputs.parse_observation({"observation/image": data["images"][0], "prompt": "x",
                               "observation/state": np.zeros(8)}, inputs.ObservationKeys(),
                              serving.state_dim)
+
+
+def test_a_chunked_policy_serves_its_whole_chunk(tiny_policy):
+  # openpi clients read metadata["action_horizon"] and step through the [H, 7] chunk
+  # (ActionChunkBroker); OpenVLA's /act gets the chunk's first action.
+  policy = VLAPolicy(tiny_policy.model, tiny_policy.params, tiny_policy.tokenizer,
+                     action_stats(-0.2, 0.2), action_horizon=3)
+  serving = served(policy)
+  assert serving.info["action_horizon"] == 3
+  data = observations(2, size=64)
+  queries = [inputs.Query(data["images"][i], str(data["prompts"][i]), None, "")
+             for i in range(2)]
+  chunks = serving.infer(queries)
+  expected = policy.predict_chunk(data["images"], [str(p) for p in data["prompts"]])
+  assert expected.shape == (2, 3, 7)
+  for i in range(2):
+    np.testing.assert_array_equal(chunks[i], expected[i])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vla_jax.errors import InputError
 from vla_jax.sim import env, rollout
 
 
@@ -37,3 +38,58 @@ def test_scripted_policy_solves_a_vlthink_split():
                              progress=False)
   assert scripted.success.all() and scripted.frames.shape[1:] == (3, 64, 64, 3)
   assert all("arrow pointing" in text for text in scripted.instructions)
+
+
+class _ChunkPolicy:
+  """Returns chunks of K random actions and remembers every action it returned."""
+
+  def __init__(self, k: int):
+    self.k, self.calls, self.actions = k, 0, []
+    self._rng = np.random.default_rng(1)
+
+  def __call__(self, images, instructions, states):
+    del instructions, states
+    self.calls += 1
+    chunk = self._rng.uniform(env.ACTION_LOW, env.ACTION_HIGH,
+                              (images.shape[0], self.k, 7)).astype(np.float32)
+    self.actions.extend(chunk.transpose(1, 0, 2))
+    return chunk
+
+
+def test_rollout_executes_action_chunks_open_loop():
+  chunked = _ChunkPolicy(3)
+  result = rollout.rollout(chunked, "train", range(3), max_steps=7, progress=False,
+                           frames=True)
+  # 7 steps from chunks of 3: three calls, the last chunk cut after its first action.
+  assert chunked.calls == 3 and (result.steps == 7).all() and len(result.frames) == 8
+
+  # The same actions one per call give the same episode, frame for frame.
+  replay = iter(chunked.actions[:7])
+  stepwise = rollout.rollout(lambda images, texts, states: next(replay), "train", range(3),
+                             max_steps=7, progress=False, frames=True)
+  np.testing.assert_array_equal(stepwise.frames, result.frames)
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 7), (2, 3, 7), (3, 2, 6)])
+def test_rollout_refuses_malformed_chunks(shape):
+  bad = lambda images, texts, states: np.zeros(shape, np.float32)
+  with pytest.raises(InputError, match="chunk|shape"):
+    rollout.rollout(bad, "train", range(3), max_steps=2, progress=False)
+
+
+def test_dart_noise_perturbs_states_but_records_the_experts_action():
+  keys = rollout.seed_keys(range(4))
+  clean_final, clean = rollout.expert_episodes(keys, "train", 40, 64, False)
+  again_final, again = rollout.expert_episodes(keys, "train", 40, 64, False, noise_std=0.0)
+  np.testing.assert_array_equal(clean["state"], again["state"])  # 0 = the plain expert
+  final, noisy = rollout.expert_episodes(keys, "train", 40, 64, False, noise_std=0.01)
+  assert not np.allclose(noisy["state"], clean["state"])
+  # Each recorded action is the expert's for the state it was recorded in ...
+  expert = jax.jit(jax.vmap(jax.vmap(rollout.expert.expert_action)))(noisy["env_state"])
+  np.testing.assert_array_equal(np.asarray(expert), noisy["action"])
+  # ... while the executed one was not: the next state is off the clean action's target.
+  moved = noisy["state"][:, 1:, :3] - noisy["state"][:, :-1, :3]
+  commanded = np.clip(noisy["action"][:, :-1, :3], -env.MAX_TRANSLATION, env.MAX_TRANSLATION)
+  active = noisy["active"][:, 1:]
+  assert np.abs(moved - commanded)[active].max() > 1e-3
+  assert bool(np.asarray(clean_final.success).all()) and bool(np.asarray(again_final.success).all())

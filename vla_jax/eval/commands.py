@@ -39,7 +39,8 @@ from vla_jax.typed_config import from_mapping
 
 
 def _policy(workdir: str, settings: EvalConfig) -> policy_lib.VLAPolicy:
-  return policy_lib.load_policy(workdir, step=settings.step or None)
+  return policy_lib.load_policy(workdir, step=settings.step or None,
+                                execute_steps=settings.execute_steps or None)
 
 
 def run_eval_sim(config: Any, workdir: str, settings: EvalConfig,
@@ -47,7 +48,8 @@ def run_eval_sim(config: Any, workdir: str, settings: EvalConfig,
   """Evaluates WORKDIR's checkpoint; writes WORKDIR/eval_sim/. Returns the report paths."""
   out_dir = os.path.join(workdir, "eval_sim")
   policy = _policy(workdir, settings)
-  results = sim_eval.evaluate(policy, settings.splits, sim_eval.eval_seeds(settings.seeds),
+  results = sim_eval.evaluate(policy, settings.splits,
+                              sim_eval.eval_seeds(settings.seeds, settings.first_seed),
                               max_steps=settings.max_steps,
                               batch_size=settings.batch_size or None,
                               strip_episodes=settings.strip_episodes)
@@ -225,7 +227,7 @@ def run_open_loop(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, 
     raise ConfigError("the config's model.image_size differs from the checkpoint's; pass the "
                       "config the run was trained with.")
   data_config = data_lib.DataConfig(**{**data_config.__dict__, "tokenizer": str(
-      policy.tokenizer.path), "sources": tuple(
+      policy.tokenizer.path), "action_horizon": policy.action_horizon, "sources": tuple(
           dataclasses.replace(s, split="val") for s in data_config.sources)})
   iterator = data_lib.make_iterator(data_config, train=False)
   batches = []
@@ -235,7 +237,8 @@ def run_open_loop(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, 
     except StopIteration:
       break
   metrics = open_loop.open_loop_metrics(policy.model, policy.params, batches,
-                                        policy.action_tokenizer, policy.norm_stats)
+                                        policy.action_tokenizer, policy.norm_stats,
+                                        action_horizon=policy.action_horizon)
   path = os.path.join(workdir, "eval_open_loop.json")
   with open(path, "w") as f:
     json.dump(metrics, f, indent=1)

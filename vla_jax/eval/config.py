@@ -20,10 +20,14 @@ class EvalConfig:
   Attributes:
     splits: tabletop splits for eval_sim (default: every OOD split and VL-Think).
     seeds: episodes per split (`sim_eval.eval_seeds(seeds)`, shared across checkpoints).
+    first_seed: skip this many evaluation seeds (`eval_seeds(seeds, first_seed)`: a set of
+      episodes disjoint from the default one).
     max_steps: episode limit (the paper: 80).
     batch_size: environments per batch (0 = all seeds of a split at once).
     strip_episodes: rollout strips kept per split.
     step: checkpoint step (0 = latest).
+    execute_steps: actions of each predicted chunk executed before the policy observes
+      again (0 = the whole chunk; runs with data.action_horizon > 1 only).
     layers: LLM layers for probe (hidden after L blocks), attention (block L) and t-SNE.
     probe_images_per_object: images per catalogue object for the probe.
     probe_epochs: SGD epochs of the probe (the paper: 40).
@@ -33,10 +37,12 @@ class EvalConfig:
   """
   splits: Tuple[str, ...] = EVAL_SPLITS
   seeds: int = 16
+  first_seed: int = 0
   max_steps: int = 80
   batch_size: int = 0
   strip_episodes: int = 2
   step: int = 0
+  execute_steps: int = 0
   layers: Tuple[int, ...] = (0, 2, 4)
   probe_images_per_object: int = 24
   probe_epochs: int = 40
@@ -47,7 +53,10 @@ class EvalConfig:
 
   def __post_init__(self):
     require(self.seeds > 0, f"eval.seeds must be > 0, got {self.seeds}.")
+    require(self.first_seed >= 0, f"eval.first_seed must be >= 0, got {self.first_seed}.")
     require(self.max_steps > 0, f"eval.max_steps must be > 0, got {self.max_steps}.")
+    require(self.execute_steps >= 0, f"eval.execute_steps must be >= 0 (0 = the whole "
+            f"chunk), got {self.execute_steps}.")
     for name in self.splits:
       cat.get_split(name)
     for obj in self.attention_objects + self.tsne_objects:

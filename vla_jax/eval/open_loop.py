@@ -37,10 +37,13 @@ def predicted_action_tokens(model: VLA, params: Any, batch: Dict[str, np.ndarray
 
 
 def open_loop_metrics(model: VLA, params: Any, batches: Iterable[Dict[str, np.ndarray]],
-                      action_tokenizer: ActionTokenizer, norm_stats: NormStats
-                      ) -> Dict[str, Any]:
+                      action_tokenizer: ActionTokenizer, norm_stats: NormStats,
+                      action_horizon: int = 1) -> Dict[str, Any]:
   """Token accuracy and per-dimension L1 over `batches` (train-batch contract, normalised
   actions [B, A]).
+
+  With `action_horizon` H > 1 (a chunked run) token accuracy covers all H x A target
+  tokens; the L1 metrics compare the chunk's first action, the one `actions` holds.
 
   Returns:
     {"token_accuracy", "l1_per_dim" [A] (de-normalised), "l1_mean", "l1_normalized_mean",
@@ -62,12 +65,13 @@ def open_loop_metrics(model: VLA, params: Any, batches: Iterable[Dict[str, np.nd
     total += int(targets.sum())
     actions = np.asarray(batch["actions"], np.float64)
     dims = actions.shape[-1]
-    complete = targets.sum(axis=1) == dims  # rows cut by data.max_length lack targets
+    decoded = dims * action_horizon
+    complete = targets.sum(axis=1) == decoded  # rows cut by data.max_length lack targets
     lengths = np.where(complete, np.argmax(targets, axis=1), 1).astype(np.int32)
-    length = max(tokens.shape[1], int(lengths.max()) + dims)
+    length = max(tokens.shape[1], int(lengths.max()) + decoded)
     buffer = np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
     greedy = np.asarray(policy_lib.greedy_action_tokens(
-        model, params, np.asarray(batch["images"]), buffer, lengths, dims))
+        model, params, np.asarray(batch["images"]), buffer, lengths, decoded))[:, :dims]
     for row in range(len(tokens)):
       if not complete[row]:  # a prompt cut by data.max_length (the pipeline warns)
         skipped += 1

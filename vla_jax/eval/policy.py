@@ -12,6 +12,11 @@ through). Decoding is `vla_jax.models.decode.greedy_decode`: the images are enco
 the prompt prefilled into a KV cache once, then each of the A action tokens is one
 incremental step, all in one jitted call (`use_cache=False` keeps the full-recompute
 decoder, one whole forward pass per token, for benchmarks and tests).
+
+A run trained on action chunks (`data.action_horizon` H > 1, as ACT, Octo and
+OpenVLA-OFT do) decodes H x 7 tokens per frame: `predict_chunk` returns [B, H, 7], and
+the policy called as a `Policy` returns the first `execute_steps` of them ([B, K, 7]),
+which `vla_jax.sim.rollout` executes open loop before it observes again.
 """
 
 import functools
@@ -128,6 +133,9 @@ def greedy_action_tokens(model: VLA, params: Any, images: jax.Array, tokens: jax
 class VLAPolicy:
   """`Policy` of a VLA: (images uint8 [B, H, W, 3], instructions, states [B, 7]) -> [B, 7].
 
+  With `action_horizon` H > 1 it returns [B, K, 7], the first K = `execute_steps` actions
+  of each predicted chunk (`predict_chunk` gives all H).
+
   States are read only by a policy trained with `data.proprio_dims` (`proprio_dims`,
   normalised with `state_stats`, the training data's state statistics).
 
@@ -138,12 +146,15 @@ class VLAPolicy:
     augment: the training run's AugmentConfig (the eval centre crop follows it).
     use_cache: decode with the KV cache (default); False re-runs the whole model per
       action token (the reference `benchmarks/eval_speed.py` compares against).
+    action_horizon: H, actions per decoded chunk (the run's `data.action_horizon`).
+    execute_steps: K <= H, actions of each chunk returned by a call (default H).
   """
 
   def __init__(self, model: VLA, params: Any, tokenizer: Tokenizer, norm_stats: NormStats,
                *, augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig(),
                action_dim: int = ACTION_DIM, length_bucket: int = 8, use_cache: bool = True,
-               proprio_dims: Sequence[int] = (), state_stats: Optional[NormStats] = None):
+               proprio_dims: Sequence[int] = (), state_stats: Optional[NormStats] = None,
+               action_horizon: int = 1, execute_steps: Optional[int] = None):
     if model.config.arch != "openvla":
       raise ConfigError(f"VLAPolicy decodes OpenVLA prompts; model.arch={model.config.arch!r} "
                         "is not supported yet (PaliGemma needs its prefix-LM prompt).")
@@ -159,6 +170,12 @@ class VLAPolicy:
                         "statistics covering those dimensions (state_stats); load the policy "
                         "with load_policy, which reads them from the checkpoint.")
     self.state_stats = state_stats
+    self.action_horizon = int(action_horizon)
+    self.execute_steps = self.action_horizon if execute_steps is None else int(execute_steps)
+    if self.action_horizon < 1 or not 1 <= self.execute_steps <= self.action_horizon:
+      raise ConfigError(f"action_horizon={action_horizon}, execute_steps={execute_steps}: "
+                        "need 1 <= execute_steps <= action_horizon (the run's "
+                        "data.action_horizon).")
     self.action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size)
     self._bucket = length_bucket
     self._prompt_cache: Dict[str, np.ndarray] = {}
@@ -201,7 +218,7 @@ class VLAPolicy:
       prompts.append(np.concatenate([ids[:-1], state_ids[row], ids[-1:]]) if
                      self.proprio_dims else ids)
     lengths = np.asarray([len(p) for p in prompts], np.int32)
-    needed = int(lengths.max()) + self.action_dim
+    needed = int(lengths.max()) + self.action_dim * self.action_horizon
     length = -(-needed // self._bucket) * self._bucket
     tokens = np.full((len(prompts), length), self.pad_id, np.int32)
     for row, prompt in enumerate(prompts):
@@ -216,8 +233,9 @@ class VLAPolicy:
                        f"{images.shape}; convert camera frames to RGB uint8.")
     return self._preprocess(tf.convert_to_tensor(images)).numpy()
 
-  def __call__(self, images: np.ndarray, instructions: List[str],
-               states: Optional[np.ndarray] = None) -> np.ndarray:
+  def predict_chunk(self, images: np.ndarray, instructions: List[str],
+                    states: Optional[np.ndarray] = None) -> np.ndarray:
+    """float32 [B, H, 7]: the whole predicted action chunk of each frame (H = 1: OpenVLA)."""
     images = np.asarray(images)
     if images.ndim != 4 or len(instructions) != images.shape[0]:
       raise InputError(f"VLAPolicy expects images [B, H, W, 3] and B instructions; got images "
@@ -225,19 +243,30 @@ class VLAPolicy:
     # OpenVLA reads no proprioception; states are used only with proprio_dims.
     tokens, lengths = self.prompt_batch(instructions, states)
     ids = greedy_action_tokens(self.model, self.params, self.preprocess(images), tokens,
-                               lengths, self.action_dim, use_cache=self.use_cache)
-    normalized = self.action_tokenizer.decode(np.asarray(ids))
+                               lengths, self.action_dim * self.action_horizon,
+                               use_cache=self.use_cache)
+    normalized = self.action_tokenizer.decode(np.asarray(ids)).reshape(
+        len(instructions), self.action_horizon, self.action_dim)
     return np.asarray(self.norm_stats.unnormalize(normalized), np.float32)
+
+  def __call__(self, images: np.ndarray, instructions: List[str],
+               states: Optional[np.ndarray] = None) -> np.ndarray:
+    """[B, 7] (action_horizon 1), else the first `execute_steps` of each chunk [B, K, 7]."""
+    chunk = self.predict_chunk(images, instructions, states)
+    return chunk[:, 0] if self.action_horizon == 1 else chunk[:, :self.execute_steps]
 
 
 def load_policy(path: str, *, step: Optional[int] = None, dataset: str = "",
-                tokenizer: str = "", use_cache: bool = True) -> VLAPolicy:
+                tokenizer: str = "", use_cache: bool = True,
+                execute_steps: Optional[int] = None) -> VLAPolicy:
   """`VLAPolicy` of a run or exported checkpoint (see `load_checkpoint`).
 
   Args:
     dataset: whose norm stats to use (default: the run's first data source).
     tokenizer: override the tokenizer path stored in the checkpoint's assets.
     use_cache: KV-cache decoding (default) or full recomputation (see `VLAPolicy`).
+    execute_steps: actions of each predicted chunk to execute before observing again
+      (default: the whole chunk; the horizon is the run's `data.action_horizon`).
   """
   params, experiment, norm_stats, assets = load_checkpoint(path, step)
   tokenizer = tokenizer or assets.get("tokenizer", "")
@@ -257,5 +286,10 @@ def load_policy(path: str, *, step: Optional[int] = None, dataset: str = "",
     if state_stats is None:
       raise CheckpointError(f"{path} was trained with proprio_dims={proprio_dims} but holds "
                             f"no state statistics for {name!r}; re-export it from the run.")
+  horizon = int(assets.get("data", {}).get("action_horizon", 1))
+  if execute_steps is not None and not 1 <= execute_steps <= horizon:
+    raise ConfigError(f"execute_steps={execute_steps} but {path} predicts chunks of "
+                      f"{horizon} action(s) (data.action_horizon); choose 1..{horizon}.")
   return VLAPolicy(VLA(experiment.model), params, Tokenizer.from_path(tokenizer), stats,
-                   use_cache=use_cache, proprio_dims=proprio_dims, state_stats=state_stats)
+                   use_cache=use_cache, proprio_dims=proprio_dims, state_stats=state_stats,
+                   action_horizon=horizon, execute_steps=execute_steps)

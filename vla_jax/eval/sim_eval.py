@@ -53,9 +53,15 @@ def _check_splits(splits: Sequence[str]) -> List[str]:
   return list(splits)
 
 
-def eval_seeds(count: int) -> List[int]:
-  """The seeds of `count` evaluation episodes per split (shared by every checkpoint)."""
-  return list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + count))
+def eval_seeds(count: int, first: int = 0) -> List[int]:
+  """The seeds of `count` evaluation episodes per split (shared by every checkpoint).
+
+  `first` > 0 skips the first `first` of them: a second, disjoint set of episodes (to
+  report on seeds that no choice of recipe was ever looked at on).
+  """
+  if first < 0:
+    raise ConfigError(f"the first evaluation seed index must be >= 0, got {first}.")
+  return list(range(EVAL_SEED_OFFSET + first, EVAL_SEED_OFFSET + first + count))
 
 
 def evaluate(policy: rollout_lib.Policy, splits: Sequence[str] = EVAL_SPLITS,

@@ -5,12 +5,14 @@ loads DIR (a run, its latest step, or an export) as the `VLAPolicy` the evaluato
 (same preprocessing, same jitted KV-cache decoder) and answers:
 
   ws://HOST:PORT/   openpi: on connect a msgpack metadata dict; then per message an
-                    observation dict (`ObservationKeys`) -> {"actions": float32 [1, 7],
+                    observation dict (`ObservationKeys`) -> {"actions": float32 [H, 7] (H =
+                    the run's data.action_horizon, 1 for OpenVLA),
                     "policy_timing", "server_timing"}. On an error the server sends the
                     message (the traceback if unexpected) as a text frame and closes with
                     1011; a message over the size limit is closed with 1009.
   POST /act         OpenVLA's deploy.py: a json-numpy body {"image": uint8 [H, W, 3],
-                    "instruction", "unnorm_key"?} -> the json-numpy float32 [7] action
+                    "instruction", "unnorm_key"?} -> the json-numpy float32 [7] action (the
+                    first of the chunk)
                     ({"encoded": ...} double-encoded bodies too); errors are JSON
                     {"error": message} with status 400 (bad request), 401, 413 or 500.
   GET /healthz      "OK".
@@ -113,7 +115,7 @@ class ServedPolicy:
     self.state_dim = policy.state_stats.dim if proprio_dims else None
     self.sizes = batch_sizes(max_batch)
     self.info = {"model": policy.model.config.arch, "action_dim": policy.action_dim,
-                 "action_horizon": 1, "image_size": policy.model.config.image_size,
+                 "action_horizon": policy.action_horizon, "image_size": policy.model.config.image_size,
                  "unnorm_key": default_key, "unnorm_keys": self.unnorm_keys,
                  "proprio_dims": list(proprio_dims), "state_dim": self.state_dim,
                  "max_batch": max_batch, **(info or {})}
@@ -129,7 +131,8 @@ class ServedPolicy:
       self.policy.prompt_batch([query.prompt], query.state[None])
 
   def infer(self, queries: List[inputs.Query]) -> List[Any]:
-    """Actions float32 [7] per query (one padded policy call), or the query's InputError."""
+    """An action chunk float32 [H, 7] per query (one padded policy call; H is the run's
+    `data.action_horizon`, 1 for OpenVLA), or the query's InputError."""
     results: List[Any] = [None] * len(queries)
     valid = []
     for i, query in enumerate(queries):
@@ -144,7 +147,8 @@ class ServedPolicy:
       rows += [rows[0]] * (size - len(rows))  # padding rows, dropped below
       states = None if self.state_dim is None else np.stack([q.state for q in rows])
       view = self._views[queries[valid[0]].unnorm_key or self.default_key]
-      actions = view(np.stack([q.image for q in rows]), [q.prompt for q in rows], states)
+      actions = view.predict_chunk(np.stack([q.image for q in rows]), [q.prompt for q in rows],
+                                   states)
       for row, i in enumerate(valid):
         results[i] = np.asarray(actions[row], np.float32)
     return results
@@ -238,7 +242,7 @@ class PolicyServer:
                            "observations with openpi_client.msgpack_numpy.")
         query = inputs.parse_observation(wire.unpackb(message.data), self.config.obs_keys,
                                          self.served.state_dim, self.config.limits)
-        action, timing = await self._infer(query)
+        chunk, timing = await self._infer(query)
       except Exception as e:  # pylint: disable=broad-except
         bad = isinstance(e, InputError)
         text = f"bad request: {e}" if bad else traceback.format_exc()
@@ -256,7 +260,7 @@ class PolicyServer:
       if ws.closed:  # the client left while its request was in the batch
         break
       await ws.send_bytes(wire.packb({
-          "actions": action[None, :],
+          "actions": chunk,
           "policy_timing": {"infer_ms": timing.infer_ms, "batch_size": timing.batch_size},
           "server_timing": server_timing}))
       prev_total_ms = 1e3 * (time.perf_counter() - received)
@@ -296,14 +300,14 @@ class PolicyServer:
           raise InputError(f"'encoded' is not json-numpy JSON ({e}).") from None
       query = inputs.parse_act_payload(payload, self.served.unnorm_keys,
                                        self.served.state_dim, self.config.limits)
-      action, _ = await self._infer(query)
+      chunk, _ = await self._infer(query)
     except InputError as e:
       logging.info("/act from %s: bad request: %s", request.remote, e)
       return _json_error(400, str(e))
     except Exception:  # pylint: disable=broad-except
       logging.error("/act from %s: %s", request.remote, traceback.format_exc())
       return _json_error(500, traceback.format_exc())
-    text = json_numpy.dumps(action)
+    text = json_numpy.dumps(chunk[0])
     return web.Response(text=json.dumps(text) if double else text,
                         content_type="application/json")
 

@@ -61,12 +61,15 @@ def metadata_features() -> Dict[str, tfds.features.FeatureConnector]:
 
 def expert_demos(split: str, seeds: Sequence[int], *, image_size: int = 64,
                  max_steps: int = env.MAX_STEPS, batch_size: int = 64,
-                 only_success: bool = True, progress: bool = True) -> Iterator[dict]:
+                 only_success: bool = True, progress: bool = True,
+                 noise_std: float = 0.0) -> Iterator[dict]:
   """Yields RLDS episodes ({"steps": [...], "episode_metadata": {...}}) of the expert.
 
   Args:
     split: split name; seeds: one episode per seed.
     only_success: drop episodes the expert failed (it solves every split in practice).
+    noise_std: DART noise on the executed translation (`rollout.expert_episodes`); the
+      recorded actions stay the expert's.
   """
   spec = cat.get_split(split)
   seeds = np.asarray(seeds, np.int64)
@@ -75,7 +78,8 @@ def expert_demos(split: str, seeds: Sequence[int], *, image_size: int = 64,
   for start in range(0, len(seeds), batch_size):
     chunk = seeds[start:start + batch_size]
     keys = rollout.seed_keys(chunk)
-    final, traj = rollout.expert_episodes(keys, spec, max_steps, image_size, False)
+    final, traj = rollout.expert_episodes(keys, spec, max_steps, image_size, False,
+                                          noise_std=noise_std)
     final, traj = jax.device_get((final, traj))
     first = jax.device_get(rollout.reset_batch(keys, spec, max_steps))
     # Render only the steps that survive (episodes end early; no-ops are dropped).
@@ -111,15 +115,18 @@ def expert_demos(split: str, seeds: Sequence[int], *, image_size: int = 64,
 
 def write_demos(data_dir: str, splits: Mapping[str, Tuple[str, Sequence[int]]], *,
                 name: str = "tabletop", image_size: int = 64, max_steps: int = env.MAX_STEPS,
-                version: str = "1.0.0", overwrite: bool = False, progress: bool = True) -> str:
+                version: str = "1.0.0", overwrite: bool = False, progress: bool = True,
+                noise_std: float = 0.0) -> str:
   """Writes expert demos as an RLDS dataset; returns `data_dir/name/version`.
 
   Args:
     splits: RLDS split name -> (benchmark split name, seeds), e.g.
       {"train": ("train", range(300)), "val": ("train", range(10**6, 10**6 + 32))}.
+    noise_std: DART noise of `expert_demos`.
   """
   makers = {rlds_split: (lambda s=s, seeds=seeds: expert_demos(
-      s, seeds, image_size=image_size, max_steps=max_steps, progress=progress))
+      s, seeds, image_size=image_size, max_steps=max_steps, progress=progress,
+      noise_std=noise_std))
             for rlds_split, (s, seeds) in splits.items()}
   return write_rlds(data_dir, name, makers,
                     step_features=openx_step_features(image_shape=(image_size, image_size, 3)),

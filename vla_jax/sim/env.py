@@ -490,6 +490,21 @@ def check_action(action, batch: int | None = None) -> np.ndarray:
   return array.astype(np.float32)
 
 
+def check_action_chunk(actions, batch: int) -> np.ndarray:
+  """A policy's output for `batch` environments as float32 [K, batch, 7] (time first).
+
+  Accepts one action per environment [batch, 7] (K = 1) or a chunk [batch, K, 7] that is
+  executed open loop; raises InputError (`check_action`'s) for anything else.
+  """
+  array = np.asarray(actions)
+  if array.ndim == 3 and array.shape[0] == batch and array.shape[1] >= 1:
+    return np.stack([check_action(array[:, k], batch) for k in range(array.shape[1])])
+  if array.ndim == 3:
+    raise InputError(f"A chunk of tabletop actions must have shape ({batch}, K, 7) with K >= 1 "
+                     f"(one chunk per environment), got {array.shape}.")
+  return check_action(array, batch)[None]
+
+
 # ------------------------------------------------------------------------------- text ----
 def receptacle_name(spec: cat.SplitSpec, rec_id: int) -> str:
   """The target's name: a receptacle's, or the VL-Think phrase for a board item id."""

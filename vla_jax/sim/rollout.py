@@ -2,10 +2,11 @@
 
 A `Policy` maps a batch of observations to actions:
   policy(images uint8 [B, H, W, 3], instructions list[str] (B), states float32 [B, 7])
-    -> actions float32 [B, 7]   (env.py: convention and bounds).
+    -> actions float32 [B, 7]   (env.py: convention and bounds)
+    or an action chunk [B, K, 7], executed open loop (K steps) before the next call.
 `rollout` resets B environments (one per seed), then loops in Python over steps: each
-iteration calls the policy once and advances all environments with one jitted, vmapped
-`env.step` (render included). A policy that sets `wants_env_state = True` also receives
+call of the policy is followed by K advances of all environments with one jitted, vmapped
+`env.step` each (render included). A policy that sets `wants_env_state = True` also receives
 the privileged batched `EnvState` as keyword `env_state` (the scripted expert does).
 `expert_episodes` runs the expert fully inside jit (a `lax.scan` over steps), for
 demonstrations and success statistics.
@@ -98,16 +99,21 @@ def rollout(policy: Policy, split: str, seeds: Sequence[int], *, max_steps: int 
   texts = env.instructions(spec, states)
   recorded = [np.asarray(obs["image"])] if frames else None
   batch = len(seeds)
-  for _ in tqdm.trange(max_steps, desc=f"rollout {spec.name}", disable=not progress,
-                       leave=False):
+  bar = tqdm.tqdm(total=max_steps, desc=f"rollout {spec.name}", disable=not progress,
+                  leave=False)
+  taken, done = 0, np.zeros(batch, bool)
+  while taken < max_steps and not bool(np.all(done)):
     kwargs = {"env_state": states} if getattr(policy, "wants_env_state", False) else {}
-    actions = policy(np.asarray(obs["image"]), texts, np.asarray(obs["state"]), **kwargs)
-    actions = env.check_action(actions, batch=batch)
-    states, obs, _, done, _ = step_batch(states, jnp.asarray(actions), image_size)
-    if frames:
-      recorded.append(np.asarray(obs["image"]))
-    if bool(np.all(done)):
-      break
+    chunk = policy(np.asarray(obs["image"]), texts, np.asarray(obs["state"]), **kwargs)
+    for actions in env.check_action_chunk(chunk, batch=batch)[:max_steps - taken]:
+      states, obs, _, done, _ = step_batch(states, jnp.asarray(actions), image_size)
+      taken += 1
+      bar.update(1)
+      if frames:
+        recorded.append(np.asarray(obs["image"]))
+      if bool(np.all(done)):
+        break
+  bar.close()
   host = jax.device_get(states)
   return RolloutResult(split=spec.name, seeds=seeds, success=np.asarray(host.success),
                        steps=np.asarray(host.t), instructions=texts,
@@ -148,8 +154,13 @@ def random_policy(seed: int = 0) -> Policy:
 
 
 def expert_episodes(keys, split, max_steps: int = env.MAX_STEPS, image_size: int = 64,
-                    render: bool = True):
+                    render: bool = True, noise_std: float = 0.0):
   """Expert episodes entirely under jit, vmapped over keys [B].
+
+  `noise_std` > 0 perturbs the *executed* translation with Gaussian noise (metres, per
+  axis, on every other step on average, never while the gripper closes or opens), while
+  the recorded action stays the expert's: DART-style demonstrations (Laskey et al.,
+  2017) that visit states off the expert's path and show how it recovers from them.
 
   Returns:
     (final states [B], trajectory) where trajectory holds, per step t < max_steps (time
@@ -159,27 +170,36 @@ def expert_episodes(keys, split, max_steps: int = env.MAX_STEPS, image_size: int
     [B, T] (the episode had not ended before step t), "reward" float32 [B, T].
   """
   return _expert_episodes(keys, env.split_arrays(split), env.layout(split), max_steps,
-                          image_size, render)
+                          image_size, render, jnp.float32(noise_std))
+
+
+NOISE_SALT = 0x5EED  # noise keys are fold_in(episode key, NOISE_SALT): resets are unchanged
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "max_steps", "image_size", "render"))
-def _expert_episodes(keys, arrays, layout, max_steps, image_size, render):
+def _expert_episodes(keys, arrays, layout, max_steps, image_size, render, noise_std):
 
   def episode(key):
     start = env.reset_from_arrays(key, arrays, layout, max_steps)
+    noise_keys = jax.random.split(jax.random.fold_in(key, NOISE_SALT), max_steps)
 
-    def body(state, _):
+    def body(state, noise_key):
       action = expert.expert_action(state)
       out = {"state": env.proprio(state), "action": action, "active": ~state.done}
       if render:
         out["image"] = env.render(state, image_size)
       else:
         out["env_state"] = state
-      state, reward = env._advance(state, action)  # pylint: disable=protected-access
+      k_on, k_noise = jax.random.split(noise_key)
+      gripper_moves = (action[6] >= 0.5) != (state.gripper >= 0.5)
+      perturb = jax.random.bernoulli(k_on) & ~gripper_moves
+      noise = jnp.where(perturb, noise_std * jax.random.normal(k_noise, (3,)), 0.0)
+      executed = action.at[:3].add(noise)
+      state, reward = env._advance(state, executed)  # pylint: disable=protected-access
       out["reward"] = reward
       return state, out
 
-    return jax.lax.scan(body, start, None, length=max_steps)
+    return jax.lax.scan(body, start, noise_keys)
 
   return jax.vmap(episode)(keys)
 

@@ -257,6 +257,7 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
   assets = ckpt_lib.make_assets(experiment, norm_stats, tokenizer=data_config.tokenizer,
                                 extra={"data": {"sources": [s.name for s in data_config.sources],
                                                 "proprio_dims": list(data_config.proprio_dims),
+                                                "action_horizon": data_config.action_horizon,
                                                 "normalization": data_config.normalization},
                                        "state_stats": state_stats})
   with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
