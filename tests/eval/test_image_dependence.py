@@ -69,6 +69,8 @@ def trained(tmp_path_factory):
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 320
   config.data.max_length = 96  # the small test tokenizer needs more ids per prompt
+  config.data.action_horizon = 1  # one action per frame: OpenVLA's policy, as when written
+  config.train.schedule = "constant"
   config.model.llm.depth = 2
   config.align.align_layer = 1
   config.train.num_steps = 300

@@ -45,12 +45,13 @@ def test_an_export_serves_every_statistics_it_holds(exported):
   queries = [inputs.Query(data["images"][i], str(data["prompts"][i]), None, key)
              for i, key in enumerate(("", "bridge_orig"))]
   got = [serving.infer([q])[0] for q in queries]
+  assert all(chunk.shape == (1, 7) for chunk in got)  # H = 1: a chunk of one action
   alone = policy_lib.load_policy(exported, dataset="tabletop")
   bridge = policy_lib.VLAPolicy(alone.model, alone.params, alone.tokenizer,
                                 action_stats(-1.0, 1.0))
   for i, policy in enumerate((alone, bridge)):
-    np.testing.assert_array_equal(got[i], policy(data["images"][i:i + 1],
-                                                 [str(data["prompts"][i])])[0])
+    np.testing.assert_array_equal(got[i][0], policy(data["images"][i:i + 1],
+                                                    [str(data["prompts"][i])])[0])
   with pytest.raises(ConfigError, match=r"no normalisation statistics for dataset 'fractal'; "
                                         r"the checkpoint has \['bridge_orig', 'tabletop'\]"):
     server_lib.load_served_policy(exported, unnorm_key="fractal")
@@ -73,6 +74,7 @@ def _train_tiny_run(root):
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
   config.data.max_length = 96
+  config.data.action_horizon = 1  # OpenVLA's single step (chunks: tests/serve/test_server.py)
   config.model.llm.depth = 2
   config.align.align_layer = 1
   config.train.num_steps = 2

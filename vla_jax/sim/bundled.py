@@ -16,7 +16,7 @@ from typing import Optional
 
 from vla_jax.sim import demos
 
-CONTENT_VERSION = 3
+CONTENT_VERSION = 4
 NUM_TRAIN = 1500
 NUM_VAL = 32
 IMAGE_SIZE = 64
