@@ -37,6 +37,7 @@ from vla_jax.train import checkpoint as ckpt_lib
 from vla_jax.train import sharding as sharding_lib
 from vla_jax.train import state as state_lib
 from vla_jax.train import step as step_lib
+from vla_jax.train import workdir as workdir_lib
 from vla_jax.typed_config import from_mapping
 
 BUNDLED = "bundled"
@@ -97,12 +98,18 @@ def to_train_batch(batch: Dict[str, Any]) -> Dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- logging
 class MetricsWriter:
-  """TensorBoard (tensorboardX) + `metrics.jsonl`; only process 0 writes."""
+  """TensorBoard (tensorboardX) + `metrics.jsonl`; only process 0 writes.
 
-  def __init__(self, workdir: str):
+  On resume (`resumed_from` = the restored step) a torn last line and the lines of steps
+  after it are dropped first (`workdir.repair_metrics`), so the file stays valid JSONL
+  and the curve does not double back.
+  """
+
+  def __init__(self, workdir: str, resumed_from: int = 0):
     self._active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     if self._active:
+      workdir_lib.repair_metrics(self.path, resumed_from)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(self.path, "a")
@@ -126,7 +133,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  rows = [json.loads(line) for line in open(jsonl_path)] if os.path.exists(jsonl_path) else []
+  rows = workdir_lib.read_metrics(jsonl_path)
   panels = [("loss/action", "train action loss"), ("loss/align", "train align loss"),
             ("align/cos_sim", "train cos sim"), ("action/token_accuracy", "train token acc.")]
   panels = [(k, t) for k, t in panels if any(k in r for r in rows)]
@@ -209,7 +216,19 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------- train
 def train(config: Any, workdir: str) -> Dict[str, Any]:
-  """Trains (or resumes) the experiment in `config` under `workdir`; returns a summary."""
+  """Trains (or resumes) the experiment in `config` under `workdir`; returns a summary.
+
+  One run at a time per workdir: a second one raises ConfigError naming the first
+  (`workdir.workdir_lock`; a dead run's lock is taken over).
+  """
+  workdir_lib.check_workdir(workdir)
+  # Before any other JAX call (process_index below included) on a multi-host run.
+  sharding_lib.initialize_distributed(config.distributed)
+  with workdir_lib.workdir_lock(workdir, active=jax.process_index() == 0):
+    return _train(config, workdir)
+
+
+def _train(config: Any, workdir: str) -> Dict[str, Any]:
   # (1) Typed configs, validated before anything compiles.
   experiment = parse_config(config)
   if config.weights.student == modeling.BUNDLED and config.tokenizer != modeling.BUNDLED:
@@ -219,7 +238,6 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
   train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
   ckpt_lib.check_retention(config.keep_checkpoints, config.keep_period)
   sharding_config = from_mapping(sharding_lib.ShardingConfig, config.sharding, "sharding")
-  sharding_lib.initialize_distributed(config.distributed)
   experiment = state_lib.apply_train_overrides(experiment, train_config)
   state_lib.check_compatible(experiment, train_config)
   mesh = sharding_lib.make_mesh(sharding_config)
@@ -289,8 +307,8 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
     return {f"val/{k}": float(np.mean(v)) for k, v in totals.items()}
 
   # (6) The loop.
-  writer = MetricsWriter(workdir)
   start = int(jax.device_get(state.step))
+  writer = MetricsWriter(workdir, resumed_from=start)
   if start:
     logging.info("Resumed at step %d (data batch %d).", start, iterator.state()["batches"])
   step_times, last = [], {}
