@@ -90,10 +90,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # H x 7 tokens and the evaluator executes the chunk open loop, as ACT and OpenVLA-OFT
   # do). The tiny default predicts chunks of 4: single-step policies never got past the
   # grasp (README, "The tiny default run").
+  # The other keys repeat DataConfig's defaults (tests/test_experiment.py checks they
+  # agree) so that each can be overridden from the command line, e.g.
+  # --config.data.skip_bad_episodes=True; the config stays free of TensorFlow imports.
   config.data = dict(
       sources=[dict(name="tabletop", data_dir="", weight=1.0, split="train")],
       shuffle_buffer=2_000 if tiny else 100_000, max_length=64,
-      proprio_dims=(), action_horizon=4 if tiny else 1)
+      proprio_dims=(), action_horizon=4 if tiny else 1,
+      augment=dict(enabled=True, crop_scale=0.9, brightness=0.2, contrast=(0.8, 1.2),
+                   saturation=(0.8, 1.2), hue=0.05),
+      image_roles=("primary",), balance_weights=False, normalization="bounds_q99",
+      window_size=1, filter_noops=False,
+      noop_translation=0.01, noop_rotation=0.06, val_fraction=0.05,
+      skip_bad_episodes=False, stats_dir="~/.cache/vla_jax/stats", num_parallel_calls=-1)
   config.log_every = 20 if tiny else 100
   config.eval_every = 500 if tiny else 2_000
   config.eval_batches = 4

@@ -1,5 +1,7 @@
 """configs/align.py presets parse into typed configs; bad keys fail by name."""
 
+import os
+
 import pytest
 
 from tests.conftest import REPO
@@ -58,3 +60,28 @@ def test_load_config_names_a_missing_file(tmp_path):
   with pytest.raises(ConfigError, match="No config file"):
     load_config(tmp_path / "nope.py")
   assert load_config(REPO / "configs" / "align.py").preset == "tiny"  # the file's default
+
+
+def test_config_data_lists_every_plain_data_setting_with_the_pipelines_default():
+  # Each key must be in config.data to be overridable from the command line
+  # (--config.data.skip_bad_episodes=True); its value must not silently differ.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from vla_jax.data import augment, pipeline  # pylint: disable=g-import-not-at-top
+  data = load_config(REPO / "configs" / "align.py", "openvla_7b").data
+  derived = {"sources", "image_size", "global_batch_size", "tokenizer", "seed"}
+  chosen = {"shuffle_buffer", "max_length", "action_horizon", "proprio_dims"}
+  for field in dataclasses.fields(pipeline.DataConfig):
+    if field.name in derived or field.name in chosen or field.default is None:
+      continue
+    assert field.name in data, f"config.data.{field.name} cannot be overridden"
+    default = field.default
+    if field.name == "augment":
+      default = dataclasses.asdict(default)
+    if field.name == "stats_dir":
+      assert os.path.normpath(data[field.name]) == os.path.normpath(default)
+      continue
+    value = data[field.name]
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    assert value == default, field.name
+  assert dataclasses.asdict(augment.AugmentConfig(**data.augment.to_dict())) == \
+      dataclasses.asdict(augment.AugmentConfig())
