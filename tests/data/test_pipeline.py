@@ -97,7 +97,7 @@ def test_deterministic_and_resumable(tabletop_dir, module_stats):
   first = make_iterator(config, process_index=0, process_count=1)
   batches = [next(first) for _ in range(5)]
   state = json.loads(json.dumps(first.state()))
-  assert state == {"seed": 5, "batches": 5}
+  assert state == {"seed": 5, "batches": 5, "host_frames": 40, "global_batch_size": 8}
   expected = next(first)
   resumed = make_iterator(config, state=state, process_index=0, process_count=1)
   got = next(resumed)
@@ -113,6 +113,34 @@ def test_deterministic_and_resumable(tabletop_dir, module_stats):
                             batches[0]["observation"]["image_primary"])
   with pytest.raises(InputError, match="seed 5.*seed 6"):
     make_iterator(other_seed.config, state=state, process_index=0, process_count=1)
+
+
+def test_resuming_with_another_batch_size_continues_at_the_same_frame(tabletop_dir,
+                                                                     module_stats):
+  source = [{"name": "tabletop", "data_dir": tabletop_dir}]
+  fours = make_iterator(_config(source, module_stats, seed=3, global_batch_size=4),
+                        process_index=0, process_count=1)
+  for _ in range(3):
+    next(fours)
+  state = json.loads(json.dumps(fours.state()))
+  assert state["host_frames"] == 12 and state["global_batch_size"] == 4
+  sixes = make_iterator(_config(source, module_stats, seed=3, global_batch_size=6),
+                        state=state, process_index=0, process_count=1)
+  got = next(sixes)
+  # The reference: batches of 2 from the start; frames 12..17 are its batches 7 to 9.
+  twos = make_iterator(_config(source, module_stats, seed=3, global_batch_size=2),
+                       process_index=0, process_count=1)
+  reference = [next(twos) for _ in range(9)][6:]
+  for key in ("episode_id", "frame_index"):
+    np.testing.assert_array_equal(got[key], np.concatenate([b[key] for b in reference]))
+  np.testing.assert_array_equal(got["observation"]["image_primary"], np.concatenate(
+      [b["observation"]["image_primary"] for b in reference]))  # same augmentation
+  assert sixes.state()["host_frames"] == 18
+  # A state saved before frames were recorded resumes as it always did (same batch size).
+  legacy = make_iterator(_config(source, module_stats, seed=3, global_batch_size=4),
+                         state={"seed": 3, "batches": 3}, process_index=0, process_count=1)
+  np.testing.assert_array_equal(next(legacy)["frame_index"],
+                                np.concatenate([b["frame_index"] for b in reference[:2]]))
 
 
 def test_hosts_get_disjoint_episodes_and_split_batches(tabletop_dir, module_stats):

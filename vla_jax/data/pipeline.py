@@ -245,8 +245,8 @@ def _preprocess_frame(config: DataConfig, train: bool):
 
 
 def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, start_batch: int = 0
-                 ) -> Tuple[tf.data.Dataset, Dict[str, Any]]:
+                 process_count: Optional[int] = None, start_batch: int = 0,
+                 start_frame: int = 0) -> Tuple[tf.data.Dataset, Dict[str, Any]]:
   """Host batches as a tf.data.Dataset, plus info (statistics, weights, buffer size).
 
   Args:
@@ -255,6 +255,9 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
       eval centre crop (False; the last partial batch is kept).
     process_index, process_count: this host and the number of hosts (default: jax's).
     start_batch: resume position in host batches (see DataIterator).
+    start_frame: resume position in frames of this host (added to start_batch's): the
+      frame stream does not depend on the batch size, so a run resumed with another
+      batch size continues where it stopped.
   Returns:
     (dataset of dict batches, {"statistics": {name: DatasetStatistics}, "weights": [D],
      "host_batch_size": int, "shuffle_buffer": int, "frame_bytes": float}).
@@ -282,7 +285,7 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
     info["shuffle_buffer"] = mixture.shuffle_buffer_entries(
         config.shuffle_buffer, info["frame_bytes"], config.shuffle_ram_budget_mb)
     ds = ds.shuffle(info["shuffle_buffer"], seed=config.seed)
-  ds = ds.enumerate().skip(start_batch * host_batch)
+  ds = ds.enumerate().skip(start_batch * host_batch + start_frame)
   ds = ds.map(_preprocess_frame(config, train), num_parallel_calls=config.num_parallel_calls,
               deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=train).prefetch(2)
@@ -305,14 +308,24 @@ class DataIterator:
                state: Optional[Mapping[str, Any]] = None):
     self.config = config
     self.batches = 0
+    self.host_frames = 0  # frames this host has consumed: the resume position
     if state is not None:
       if int(state["seed"]) != config.seed:
         raise InputError(f"Iterator state was saved with seed {state['seed']}, the config has "
                          f"seed {config.seed}; resume with the same data seed.")
       self.batches = int(state["batches"])
+      saved_batch = int(state.get("global_batch_size", config.global_batch_size))
+      count = jax.process_count() if process_count is None else process_count
+      # States written before frames were recorded: their batches had this run's size.
+      self.host_frames = int(state.get("host_frames", self.batches * mixture.host_batch_size(
+          config.global_batch_size, count)))
+      if saved_batch != config.global_batch_size:
+        logging.info("Resuming the data stream at frame %d of this host: it was saved with "
+                     "batch size %d, this run uses %d.", self.host_frames, saved_batch,
+                     config.global_batch_size)
     self.dataset, self.info = make_dataset(config, train=train, process_index=process_index,
                                            process_count=process_count,
-                                           start_batch=self.batches)
+                                           start_frame=self.host_frames)
     self._iterator = self.dataset.as_numpy_iterator()
     self.num_truncated = 0
     state_dim = max(s.state.dim for s in self.info["statistics"].values())
@@ -329,7 +342,10 @@ class DataIterator:
                       self._tokenizer.vocab_size)
 
   def state(self) -> Dict[str, int]:
-    return {"seed": self.config.seed, "batches": self.batches}
+    """{"seed", "batches", "host_frames", "global_batch_size"}: the position in frames, so
+    a resumed run may use another batch size."""
+    return {"seed": self.config.seed, "batches": self.batches, "host_frames": self.host_frames,
+            "global_batch_size": self.config.global_batch_size}
 
   def __iter__(self) -> Iterator[Dict[str, Any]]:
     return self
@@ -343,6 +359,7 @@ class DataIterator:
     except tf.errors.InvalidArgumentError as e:
       raise InputError(f"Bad data while reading: {e.message}") from e
     self.batches += 1
+    self.host_frames += len(batch["action"])
     if self._tokenizer is not None:
       states = batch["observation"]["state"]
       tokens, truncated = batching.tokenize_batch(
