@@ -69,3 +69,12 @@ def test_chunk_and_window_shapes_and_masks():
   assert windowed["observation"]["image_primary"].numpy()[3].tolist() == [b"img2", b"img3"]
   np.testing.assert_array_equal(windowed["observation"]["pad_mask"].numpy()[:2],
                                 [[False, True], [True, True]])
+
+
+def test_a_nan_gripper_stays_nan_instead_of_taking_the_next_settled_value():
+  action = tf.constant([[0.1, 1.0], [0.2, float("nan")], [0.3, 0.0], [0.4, 0.0]])
+  gripper = tt.standardize_gripper(action, "absolute", True).numpy()[:, -1]
+  assert np.isnan(gripper[1]), gripper  # was 0.0, copied from step 2
+  np.testing.assert_array_equal(gripper[[0, 2, 3]], [1.0, 0.0, 0.0])
+  standardized = tf.concat([action[:, :1], tf.constant(gripper)[:, None]], -1)
+  assert not tt.is_finite(_traj(standardized.numpy()))  # refused / skipped downstream

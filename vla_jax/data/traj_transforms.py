@@ -95,7 +95,12 @@ def standardize_gripper(action: tf.Tensor, encoding: str, binarize: bool) -> tf.
   else:
     gripper = tf.clip_by_value(gripper, 0.0, 1.0)
   if binarize:
-    gripper = binarize_gripper(gripper)
+    # A NaN/inf opening would otherwise take the next settled value, silently; kept
+    # non-finite, the trajectory is refused or skipped like one with a NaN state
+    # (data.skip_bad_episodes).
+    raw = gripper
+    gripper = binarize_gripper(tf.where(tf.math.is_finite(raw), raw, 0.5))
+    gripper = tf.where(tf.math.is_finite(raw), gripper, raw)
   return tf.concat([movement, gripper[:, None]], axis=-1)
 
 
