@@ -101,3 +101,22 @@ def test_describe_rejects_a_tokenizer_larger_than_the_vocabulary(tmp_path, share
   from vla_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="vocab_size=32064"):
     main_lib.describe(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.trian.num_steps=3",
+     "unknown config key 'trian' (Did you mean \"train\" instead of \"trian\"?)"),
+    ("--config.data.foo=1", "unknown config key 'foo'"),
+])
+def test_a_bad_config_override_is_one_error_line(override, message, monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = ["vla_jax", f"--config={REPO / 'configs' / 'align.py'}", override]
+  monkeypatch.setattr(sys, "argv", argv)  # config overrides are read from sys.argv
+  try:
+    with pytest.raises(SystemExit) as raised:
+      main_lib.parse_flags(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+  text = str(raised.value.code)
+  assert text.startswith("error: a config override could not be applied: " + message), text
+  assert override.split("=")[0] in text and "\n" not in text

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 
 from absl import app
@@ -224,5 +225,35 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
 
 
+def _override_error(error: Exception) -> str:
+  """One line for an exception ml_collections raised while applying --config.KEY=VALUE."""
+  text = str(error.args[0]) if error.args else str(error)
+  if isinstance(error, (KeyError, AttributeError)):
+    key, _, hint = text.partition("\n")
+    name = key.strip().strip("\"'")
+    return f"unknown config key '{name}'" + (f" ({hint.strip()})" if hint else "")
+  return " ".join(text.split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad --config.KEY=VALUE override as one error line.
+
+  ml_collections applies the overrides while the flags are parsed and raises a bare
+  KeyError / AttributeError / TypeError from deep inside; the user gets which key or
+  value is wrong and how to list the valid ones instead of a 60-line traceback.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # absl's own (unknown flag, bad value): as app.run reports them
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
+             "on flags.")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"error: a config override could not be applied: {_override_error(e)}. "
+             f"Overrides given: {', '.join(overrides) or 'none'}. Valid keys are those "
+             "of the config file (e.g. configs/align.py); nested ones are written "
+             "--config.train.num_steps=N.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

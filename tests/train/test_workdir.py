@@ -1,4 +1,4 @@
-"""One training run per workdir, and a metrics log that survives torn writes and resumes."""
+"""Before a run builds anything: one run per workdir, valid intervals; and a metrics log that survives torn writes and resumes."""
 
 import json
 import os
@@ -55,3 +55,13 @@ def test_metrics_after_a_crash_and_a_resume_stay_valid_and_do_not_double_back(tm
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [20, 40]
   assert workdir_lib.repair_metrics(str(path), resumed_from=40) == 0  # idempotent
   assert loop.plot_curves(str(path), str(tmp_path / "curves.png")) is not None
+
+
+@pytest.mark.parametrize("key, value", [("log_every", 0), ("checkpoint_every", 0),
+                                        ("eval_every", -1), ("eval_batches", 0)])
+def test_bad_intervals_are_refused_before_anything_compiles(tmp_path, key, value):
+  config = load_config(REPO / "configs" / "align.py", "tiny")
+  config[key] = value
+  with pytest.raises(ConfigError, match=rf"config.{key}={value}: must be an integer >= "):
+    loop.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -215,6 +215,18 @@ class StopSignal:
 
 
 # ----------------------------------------------------------------------------- train
+def check_intervals(config: Any) -> None:
+  """log_every / checkpoint_every >= 1, eval_every >= 0 (0 = off), eval_batches >= 1."""
+  for key, low, meaning in (("log_every", 1, "log every N steps"),
+                            ("checkpoint_every", 1, "save every N steps; the last step is "
+                             "always saved"),
+                            ("eval_every", 0, "0 turns periodic evaluation off"),
+                            ("eval_batches", 1, "validation batches per evaluation")):
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ConfigError(f"config.{key}={value!r}: must be an integer >= {low} ({meaning}).")
+
+
 def train(config: Any, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the experiment in `config` under `workdir`; returns a summary.
 
@@ -237,6 +249,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                       "Set config.tokenizer='bundled', or train another student.")
   train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
   ckpt_lib.check_retention(config.keep_checkpoints, config.keep_period)
+  check_intervals(config)
   sharding_config = from_mapping(sharding_lib.ShardingConfig, config.sharding, "sharding")
   experiment = state_lib.apply_train_overrides(experiment, train_config)
   state_lib.check_compatible(experiment, train_config)
