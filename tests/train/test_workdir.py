@@ -1,4 +1,5 @@
-"""Before a run builds anything: one run per workdir, valid intervals; and a metrics log that survives torn writes and resumes."""
+"""Checked before a run builds anything (one run per workdir, valid intervals), and a
+metrics log that survives torn writes and resumes."""
 
 import json
 import os
