@@ -41,7 +41,9 @@ def main():
                                            batch["tokens"], batch["mask"], NUM_TOKENS,
                                            return_logits=True)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(reference[0]), err_msg=name)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference[1]), atol=1e-5,
+    # Tensor-parallel matmuls add their partial products in another order than one
+    # device: fp32 rounding of up to 1.6e-5 was seen on logits of order 1 (ids agree).
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference[1]), atol=5e-5,
                                err_msg=name)
   print("OK")
 

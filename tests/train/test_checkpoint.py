@@ -175,16 +175,17 @@ def damage(item_dir, how):
 
   "flip": one bit, where plain Orbax still reads the item without error but with other
   values (bit rot inside an array's compressed bytes); "truncate": a data file cut to half
-  its size (a partial copy, a full disk) where plain Orbax fails to read the item (OCDBT
-  files may end in stale B-tree nodes nobody reads, so not every cut hits an array).
+  its size, else a quarter, else a tenth (a partial copy, a full disk) where plain Orbax
+  fails to read the item (OCDBT files may end in stale B-tree nodes nobody reads, so not
+  every cut hits an array).
   """
   before = _read_item(item_dir)
   files = sorted((f for f in pathlib.Path(item_dir).rglob("*") if f.is_file() and "/d/" in str(f)),
                  key=lambda f: -f.stat().st_size)
   for path in files[:3]:
     data = path.read_bytes()
-    for fraction in ((0.5,) if how == "truncate" else (0.5, 0.4, 0.6, 0.3, 0.7)):
-      damaged = bytearray(data[:len(data) // 2] if how == "truncate" else data)
+    for fraction in ((0.5, 0.25, 0.1) if how == "truncate" else (0.5, 0.4, 0.6, 0.3, 0.7)):
+      damaged = bytearray(data[:int(len(data) * fraction)] if how == "truncate" else data)
       if how == "flip":
         damaged[int(len(data) * fraction)] ^= 0x04
       path.write_bytes(bytes(damaged))
