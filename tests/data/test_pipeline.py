@@ -167,6 +167,7 @@ def test_shuffle_buffer_ram_budget(tabletop_dir, module_stats):
   assert iterator.info["shuffle_buffer"] == int(0.1 * 2**20 // per_frame)
 
 
+@pytest.mark.slow  # a subprocess with 8 fake devices
 def test_global_array_on_eight_devices(tabletop_dir, module_stats):
   script = textwrap.dedent(f"""
       import jax, numpy as np

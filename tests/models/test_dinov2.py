@@ -80,6 +80,7 @@ def test_outputs_layout():
   np.testing.assert_array_equal(x, out["block02"])
 
 
+@pytest.mark.slow  # two compiled backward passes
 def test_remat_matches_plain_gradients():
   looped = DinoV2Config(**{**TINY, "depth": 2, "image_size": 14})
   scanned = dataclasses.replace(looped, scan=True)

@@ -22,7 +22,10 @@ def _expert_states(split, seeds, every):
   return jax.tree.map(lambda x: x[:, ::every].reshape((-1,) + x.shape[2:]), traj["env_state"])
 
 
-@pytest.mark.parametrize("split", list(cat.SPLITS))
+# The training split in the quick loop; the others (their own layouts and textures) in
+# the full suite.
+@pytest.mark.parametrize("split", [s if s == "train" else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in cat.SPLITS])
 def test_fast_render_is_bit_identical_on_every_split(split):
   states = _expert_states(split, range(4), 9)
   fast = np.asarray(_render(states, 64, False))

@@ -16,6 +16,7 @@ def setup(tiny_setup):
   return tiny_setup
 
 
+@pytest.mark.slow  # two compiled steps of another batch shape
 def test_grad_accumulation_equals_big_batch(setup):
   experiment, models, params = setup
   batch = make_batch(5)

@@ -42,6 +42,7 @@ def _save(manager, step, state, frozen, experiment, position):
   return ckpt_lib.save(manager, step, state, params, assets, position)
 
 
+@pytest.mark.slow  # trains, saves, restores and trains again (test_loop.py resumes the real loop, also slow)
 def test_resume_continues_with_the_same_losses(run, tmp_path):
   experiment, _, create, train_step, batches = run
   state, frozen = create()
@@ -103,6 +104,7 @@ def test_restore_without_checkpoint_is_a_clear_error(run, tmp_path):
   manager.close()
 
 
+@pytest.mark.slow  # trains, exports and compiles two forward passes
 def test_export_with_merged_lora_reproduces_unmerged_logits(run, tmp_path):
   experiment, models, create, train_step, batches = run
   state, frozen = create()
