@@ -212,8 +212,8 @@ def test_a_policy_that_reads_state_gets_it_per_request(tiny_policy):
              for i in range(2)]
   actions = serving.infer(queries)
   for i in range(2):
-    np.testing.assert_array_equal(
-        actions[i][0], policy(data["images"][i:i + 1], [str(data["prompts"][i])], states[i:i + 1])[0])
+    alone = policy(data["images"][i:i + 1], [str(data["prompts"][i])], states[i:i + 1])
+    np.testing.assert_array_equal(actions[i][0], alone[0])
   with pytest.raises(InputError, match="reads a robot state of 7"):
     inputs.parse_observation({"observation/image": data["images"][0], "prompt": "x",
                               "observation/state": np.zeros(8)}, inputs.ObservationKeys(),

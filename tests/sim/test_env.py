@@ -38,7 +38,9 @@ def test_vmapped_step_equals_looped_step():
   assert float(np.abs(obs["state"][:, :3] - env.EE_START).max()) > 0.05  # it moved
 
 
-@pytest.mark.slow  # every layout compiles its own env programs; tests/sim/test_rollout.py and test_sim_eval.py run the expert unmarked
+# Slow: every layout compiles its own env programs (tests/sim/test_rollout.py and
+# tests/eval/test_sim_eval.py run the expert unmarked).
+@pytest.mark.slow
 def test_expert_solves_every_split():
   rates = {name: rollout.expert_success(name, range(16)).mean() for name in cat.SPLITS}
   assert all(rate >= 0.95 for rate in rates.values()), rates

@@ -42,7 +42,8 @@ def _save(manager, step, state, frozen, experiment, position):
   return ckpt_lib.save(manager, step, state, params, assets, position)
 
 
-@pytest.mark.slow  # trains, saves, restores and trains again (test_loop.py resumes the real loop, also slow)
+# Slow: trains, saves, restores and trains again (test_loop.py resumes the real loop).
+@pytest.mark.slow
 def test_resume_continues_with_the_same_losses(run, tmp_path):
   experiment, _, create, train_step, batches = run
   state, frozen = create()

@@ -245,8 +245,8 @@ def _preprocess_frame(config: DataConfig, train: bool):
 
 
 def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, start_batch: int = 0,
-                 start_frame: int = 0) -> Tuple[tf.data.Dataset, Dict[str, Any]]:
+                 process_count: Optional[int] = None, start_frame: int = 0
+                 ) -> Tuple[tf.data.Dataset, Dict[str, Any]]:
   """Host batches as a tf.data.Dataset, plus info (statistics, weights, buffer size).
 
   Args:
@@ -254,10 +254,9 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
     train: infinite, shuffled, augmented stream (True) or one ordered pass with the
       eval centre crop (False; the last partial batch is kept).
     process_index, process_count: this host and the number of hosts (default: jax's).
-    start_batch: resume position in host batches (see DataIterator).
-    start_frame: resume position in frames of this host (added to start_batch's): the
-      frame stream does not depend on the batch size, so a run resumed with another
-      batch size continues where it stopped.
+    start_frame: resume position in frames of this host (see DataIterator): the frame
+      stream does not depend on the batch size, so a run resumed with another batch size
+      continues where it stopped.
   Returns:
     (dataset of dict batches, {"statistics": {name: DatasetStatistics}, "weights": [D],
      "host_batch_size": int, "shuffle_buffer": int, "frame_bytes": float}).
@@ -285,7 +284,7 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
     info["shuffle_buffer"] = mixture.shuffle_buffer_entries(
         config.shuffle_buffer, info["frame_bytes"], config.shuffle_ram_budget_mb)
     ds = ds.shuffle(info["shuffle_buffer"], seed=config.seed)
-  ds = ds.enumerate().skip(start_batch * host_batch + start_frame)
+  ds = ds.enumerate().skip(start_frame)
   ds = ds.map(_preprocess_frame(config, train), num_parallel_calls=config.num_parallel_calls,
               deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=train).prefetch(2)

@@ -287,9 +287,6 @@ def load_policy(path: str, *, step: Optional[int] = None, dataset: str = "",
       raise CheckpointError(f"{path} was trained with proprio_dims={proprio_dims} but holds "
                             f"no state statistics for {name!r}; re-export it from the run.")
   horizon = int(assets.get("data", {}).get("action_horizon", 1))
-  if execute_steps is not None and not 1 <= execute_steps <= horizon:
-    raise ConfigError(f"execute_steps={execute_steps} but {path} predicts chunks of "
-                      f"{horizon} action(s) (data.action_horizon); choose 1..{horizon}.")
   return VLAPolicy(VLA(experiment.model), params, Tokenizer.from_path(tokenizer), stats,
                    use_cache=use_cache, proprio_dims=proprio_dims, state_stats=state_stats,
                    action_horizon=horizon, execute_steps=execute_steps)

@@ -115,7 +115,8 @@ class ServedPolicy:
     self.state_dim = policy.state_stats.dim if proprio_dims else None
     self.sizes = batch_sizes(max_batch)
     self.info = {"model": policy.model.config.arch, "action_dim": policy.action_dim,
-                 "action_horizon": policy.action_horizon, "image_size": policy.model.config.image_size,
+                 "action_horizon": policy.action_horizon,
+                 "image_size": policy.model.config.image_size,
                  "unnorm_key": default_key, "unnorm_keys": self.unnorm_keys,
                  "proprio_dims": list(proprio_dims), "state_dim": self.state_dim,
                  "max_batch": max_batch, **(info or {})}

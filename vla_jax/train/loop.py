@@ -233,7 +233,6 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
   One run at a time per workdir: a second one raises ConfigError naming the first
   (`workdir.workdir_lock`; a dead run's lock is taken over).
   """
-  workdir_lib.check_workdir(workdir)
   # Before any other JAX call (process_index below included) on a multi-host run.
   sharding_lib.initialize_distributed(config.distributed)
   with workdir_lib.workdir_lock(workdir, active=jax.process_index() == 0):

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from vla_jax.errors import ConfigError
 
@@ -72,40 +72,34 @@ def workdir_lock(workdir: str, *, active: bool = True) -> Iterator[None]:
     handle.close()  # releases the flock
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-  """The rows of a metrics.jsonl file; lines that are not JSON objects are skipped."""
-  rows = []
+def _lines_and_rows(path: str) -> List[Tuple[str, Optional[Dict[str, Any]]]]:
+  """(line, its JSON object or None if it is not one) for each line of `path`."""
   if not os.path.exists(path):
-    return rows
+    return []
+  out = []
   with open(path) as f:
     for line in f:
       try:
         row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict):
-        rows.append(row)
-  return rows
+      except ValueError:  # torn or garbled (a crash mid-write)
+        row = None
+      out.append((line, row if isinstance(row, dict) else None))
+  return out
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+  """The rows of a metrics.jsonl file; lines that are not JSON objects are skipped."""
+  return [row for _, row in _lines_and_rows(path) if row is not None]
 
 
 def repair_metrics(path: str, resumed_from: int) -> int:
   """Cuts a torn last line and rows after step `resumed_from` from `path`; returns how many
   lines were dropped. The file is rewritten through a temporary file and a rename."""
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      row = json.loads(line)
-    except ValueError:
-      continue  # torn or garbled (a crash mid-write)
-    if not line.endswith("\n") or not isinstance(row, dict):
-      continue
-    if int(row.get("step", 0)) > resumed_from:
-      continue  # written after the checkpoint being resumed: the run writes it again
-    kept.append(line)
+  lines = _lines_and_rows(path)
+  # A row written after the checkpoint being resumed is written again by the resumed run;
+  # a last line without its newline would swallow the next row appended to it.
+  kept = [line for line, row in lines if row is not None and line.endswith("\n")
+          and int(row.get("step", 0)) <= resumed_from]
   dropped = len(lines) - len(kept)
   if dropped:
     tmp = path + ".tmp"
