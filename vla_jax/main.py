@@ -23,6 +23,8 @@ Modes (`--mode`):
   attention normalised attention overlays for "Do you see the {object}?" -> WORKDIR/attention/.
   tsne      t-SNE of the object token's embedding -> WORKDIR/tsne/.
   (The analysis modes are documented in vla_jax/eval/commands.py.)
+  study     the study of vla_jax/study.py (with --config=configs/study.py[:smoke]): pretrain,
+            fine-tune SFT / Align / Freeze x seeds, evaluate, probe, report in WORKDIR.
   serve     serve WORKDIR's checkpoint (or an export dir) on `--host`:`--port` to openpi
             websocket clients and OpenVLA REST clients (POST /act); see vla_jax/serve/server.py.
 """
@@ -56,7 +58,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where outputs are written.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "convert", "export",
                                            "eval_sim", "open_loop", "probe", "attention",
-                                           "tsne", "serve"], "What to do.")
+                                           "tsne", "serve", "study"], "What to do.")
 _EVAL_SEEDS = flags.DEFINE_integer("eval_seeds", None, "eval_sim: episodes per split.")
 _EVAL_SPLITS = flags.DEFINE_list("eval_splits", None, "eval_sim: split names (default: all "
                                  "OOD splits and VL-Think).")
@@ -204,6 +206,13 @@ def main(argv):
           os.environ.get("VLA_JAX_API_KEY", ""),
           max_request_bytes=int(_SERVE_MAX_REQUEST_MB.value * 2**20),
           unnorm_key=_SERVE_UNNORM_KEY.value), step=_EVAL_STEP.value)
+    elif _MODE.value == "study":
+      from vla_jax import study  # pylint: disable=g-import-not-at-top
+      summary = study.run_study(config, workdir, " ".join(["python -m vla_jax.main"] +
+                                                          sys.argv[1:]))
+      print(json.dumps({k: summary[k] for k in ("wall_clock_s", "in_distribution_success",
+                                                "method_axis_means", "p_values",
+                                                "probe_accuracy")}, indent=2))
     elif _MODE.value == "describe":
       summary = describe(config, workdir)
       print(json.dumps(summary, indent=2))

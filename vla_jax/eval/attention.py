@@ -11,7 +11,7 @@ question ("Do you see the {object}?") by the map under a generic prompt (the pap
 normalisation), and `overlay` draws it on the image.
 """
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +99,19 @@ def visual_attention(model: VLA, params: Any, images: jax.Array, tokens: jax.Arr
     rows = probs[jnp.arange(probs.shape[0]), :, query]  # [B, H, S]
     maps.append(rows[:, :, start:start + n].mean(axis=1).reshape(-1, cfg.grid, cfg.grid))
   return jnp.stack(maps, axis=1)
+
+
+_JITTED: Dict[Tuple[Any, Tuple[int, ...]], Any] = {}
+
+
+def jitted_visual_attention(model: VLA, layers: Sequence[int]):
+  """`visual_attention` jitted once per (architecture, layers): fn(params, images, tokens,
+  lengths). Checkpoints of one architecture share the compiled program."""
+  key = (model.config, tuple(layers))
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(lambda params, images, tokens, lengths: visual_attention(
+        model, params, images, tokens, lengths, tuple(layers)))
+  return _JITTED[key]
 
 
 def normalized_attention(question_map: np.ndarray, generic_map: np.ndarray,

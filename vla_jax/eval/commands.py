@@ -163,8 +163,8 @@ def run_attention(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, 
   layers = [min(layer, policy.model.config.llm.depth - 1) for layer in settings.layers]
   question = _prompts(policy.tokenizer, [attention_lib.QUESTION.format(object=n) for n in names])
   generic = _prompts(policy.tokenizer, [attention_lib.GENERIC_PROMPT] * len(names))
-  maps = [np.asarray(attention_lib.visual_attention(policy.model, policy.params, images, t,
-                                                    lengths, tuple(layers)))
+  attend = attention_lib.jitted_visual_attention(policy.model, layers)
+  maps = [np.asarray(attend(policy.params, images, t, lengths))
           for t, lengths in (question, generic)]
   normalized = attention_lib.normalized_attention(*maps)
   out_dir = os.path.join(workdir, "attention")

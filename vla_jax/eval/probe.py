@@ -83,20 +83,30 @@ def _bos_tokens(batch: int, bos_id: int = 1) -> np.ndarray:
   return np.full((batch, 1), bos_id, np.int32)
 
 
+_FEATURE_FNS: Dict[Tuple[Any, int, int], Any] = {}
+
+
+def _student_feature_fn(model: VLA, layer: int, bos_id: int):
+  """One jitted feature extractor per (architecture, layer): params are an argument, so
+  probing several checkpoints of one architecture compiles once."""
+  key = (model.config, layer, bos_id)
+  if key not in _FEATURE_FNS:
+    def features(params, images):
+      out = model.apply({"params": params}, images, _bos_tokens(images.shape[0], bos_id),
+                        align_layer=layer)
+      return out["align_hidden"].astype(jnp.float32).mean(axis=1)
+    _FEATURE_FNS[key] = jax.jit(features)
+  return _FEATURE_FNS[key]
+
+
 def student_features(model: VLA, params: Any, images: np.ndarray, layer: int, *,
                      batch_size: int = 64, bos_id: int = 1) -> np.ndarray:
   """Mean-pooled visual-token hidden states after `layer` LLM blocks: float32 [n, D]."""
   depth = model.config.llm.depth
   if not 0 <= layer <= depth:
     raise InputError(f"layer must be in [0, {depth}] (blocks of the LLM), got {layer}.")
-
-  @jax.jit
-  def features(images):
-    out = model.apply({"params": params}, images, _bos_tokens(images.shape[0], bos_id),
-                      align_layer=layer)
-    return out["align_hidden"].astype(jnp.float32).mean(axis=1)
-
-  return np.concatenate([np.asarray(features(images[i:i + batch_size]))
+  features = _student_feature_fn(model, layer, bos_id)
+  return np.concatenate([np.asarray(features(params, images[i:i + batch_size]))
                          for i in range(0, len(images), batch_size)])
 
 
