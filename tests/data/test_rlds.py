@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from tests.data.conftest import tabletop_episode, write_tabletop
 from vla_jax.data import oxe, rlds
-from vla_jax.data.pipeline import DataConfig, DataSource, make_dataset
+from vla_jax.data.pipeline import DataConfig, DataSource, make_dataset, make_iterator
 from vla_jax.errors import ConfigError, InputError
 
 
@@ -121,8 +121,38 @@ def test_corrupt_shard_is_a_clear_error(bridge_dir, tmp_path):
   shard.chmod(0o644)
   data = shard.read_bytes()
   shard.write_bytes(data[:len(data) // 2])
-  with pytest.raises(InputError, match="corrupt or truncated TFRecord"):
+  # Found before anything reads the data, naming the shard and how much of it is left.
+  with pytest.raises(InputError, match=r"split 'train': bridge_dataset-train.tfrecord-00000-"
+                     r"of-00001 holds \d+ readable episodes of 25 \(.*truncated record"):
     make_dataset(_config(copy, "bridge_dataset", stats_dir=str(tmp_path / "s")))
+  shard.write_bytes(b"")
+  with pytest.raises(InputError, match=r"tfrecord-00000-of-00001 is empty \(0 bytes; 25 "
+                     r"episodes expected\)\. Re-download"):
+    make_dataset(_config(copy, "bridge_dataset", stats_dir=str(tmp_path / "s")))
+  shard.unlink()
+  with pytest.raises(InputError, match=r"tfrecord-00000-of-00001 is missing"):
+    make_dataset(_config(copy, "bridge_dataset", stats_dir=str(tmp_path / "s")))
+
+
+def test_corruption_found_while_reading_names_the_shard(bridge_dir, tmp_path):
+  """A flipped byte keeps the shard's size: the CRC fails mid-stream, and the error says
+  which shard and how far it reads (found by reading every shard once the error is there)
+  instead of TensorFlow's bare DataLossError."""
+  copy = tmp_path / "bridge_dataset" / "1.0.0"
+  shutil.copytree(bridge_dir, copy)
+  config = _config(copy, "bridge_dataset", stats_dir=str(tmp_path / "s"))
+  make_dataset(config)  # statistics computed (and cached) while the data is intact
+  shard = copy / "bridge_dataset-train.tfrecord-00000-of-00001"
+  shard.chmod(0o644)
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  # The statistics cache sees the changed file and reads it again: that pass fails first.
+  with pytest.raises(InputError, match=r"bridge_dataset-train.tfrecord-00000-of-00001 holds "
+                     r"\d+ readable episodes of 25 \(corrupted record at \d+\)"):
+    iterator = make_iterator(config, train=False)
+    for _ in range(100):
+      next(iterator)
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,7 @@ def open_source(config: DataConfig, source: DataSource) -> _Source:
   builder = rlds.open_builder(source.data_dir, source.name)
   rlds.check_features(builder, spec)
   split = rlds.resolve_split(builder, source.split, config.val_fraction)
+  rlds.check_shards(builder, split)
   key = stats_lib.fingerprint(builder.data_dir, split, _transforms_key(config, spec))
 
   def compute():
@@ -188,7 +189,9 @@ def open_source(config: DataConfig, source: DataSource) -> _Source:
         config, rlds.trajectory_dataset(builder, spec, split, drop_bad=False))
     return stats_lib.compute_statistics(trajectories, spec.action_mask,
                                         skip_nonfinite=config.skip_bad_episodes,
-                                        fingerprint_=key, name=source.name)
+                                        fingerprint_=key, name=source.name,
+                                        describe_corruption=lambda: "; ".join(
+                                            rlds.unreadable_shards(builder, split)))
 
   statistics = stats_lib.load_or_compute(os.path.expanduser(config.stats_dir), source.name, key,
                                          compute)
@@ -278,7 +281,7 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
                                               stop_on_empty_dataset=False)
   info = {"statistics": {s.source.name: s.statistics for s in sources},
           "weights": weights, "host_batch_size": host_batch, "shuffle_buffer": 0,
-          "frame_bytes": 0.0}
+          "frame_bytes": 0.0, "splits": [(s.builder, s.split) for s in sources]}
   if train:
     info["frame_bytes"] = mixture.frame_bytes(ds)
     info["shuffle_buffer"] = mixture.shuffle_buffer_entries(
@@ -353,8 +356,11 @@ class DataIterator:
     try:
       batch = next(self._iterator)
     except tf.errors.DataLossError as e:
-      raise InputError(f"Corrupt or truncated TFRecord shard while reading: {e.message}. "
-                       f"Re-download or regenerate that shard.") from e
+      bad = [f"{builder.data_dir}: {problem}" for builder, split in self.info["splits"]
+             for problem in rlds.unreadable_shards(builder, split)]
+      raise InputError("Corrupt TFRecord data while reading: " + ("; ".join(bad) or
+                       e.message.split("\n")[0]) + ". Re-download or regenerate those shards."
+                       ) from e
     except tf.errors.InvalidArgumentError as e:
       raise InputError(f"Bad data while reading: {e.message}") from e
     self.batches += 1

@@ -16,7 +16,7 @@ flags say False for cameras that are present).
 
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -75,6 +75,70 @@ def resolve_split(builder, split: str, val_fraction: float = 0.05) -> str:
     return f"train[{round(100 * (1 - val_fraction))}%:]"
   raise InputError(f"Split {split!r} not in dataset {builder.name!r}, which has splits "
                    f"{sorted(available)}; use one of them (or a slice such as 'train[:90%]').")
+
+
+TFRECORD_FRAMING = 16  # bytes around each record: length, its CRC, data CRC
+
+
+def _count_records(path: str) -> Tuple[int, str]:
+  """(records readable from a TFRecord file, the read error or "")."""
+  count = 0
+  try:
+    for _ in tf.data.TFRecordDataset(path):
+      count += 1
+  except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+    message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", e.message.split("\n")[0])
+    return count, message.strip()
+  return count, ""
+
+
+def unreadable_shards(builder, split: str) -> List[str]:
+  """Each shard of `split`'s base split that cannot be read in full, with what is wrong
+  (reads every shard: for error messages, not for every run)."""
+  info = builder.info.splits[split.split("[")[0]]
+  problems = []
+  for path, length in zip(info.filepaths, info.shard_lengths):
+    count, error = _count_records(os.fspath(path))
+    if error or count != length:
+      problems.append(f"{os.path.basename(os.fspath(path))} holds {count} readable episodes "
+                      f"of {length}" + (f" ({error})" if error else ""))
+  return problems
+
+
+def check_shards(builder, split: str) -> None:
+  """InputError naming each missing, empty or truncated shard of `split`'s base split.
+
+  Compares the shard files with `dataset_info.json` (episodes per shard, bytes per split)
+  before anything reads them: an empty shard otherwise surfaces as TensorFlow's "Input
+  dataset was expected to contain N elements but contained only 0" from deep inside the
+  statistics pass. Local datasets only (a cloud bucket would need a stat per shard).
+  """
+  base = split.split("[")[0]
+  info = builder.info.splits[base]
+  paths = [os.fspath(p) for p in info.filepaths]
+  if not paths or "://" in paths[0]:
+    return
+  lengths = list(info.shard_lengths)
+  problems = []
+  sizes = []
+  for path, length in zip(paths, lengths):
+    if not os.path.exists(path):
+      problems.append(f"{os.path.basename(path)} is missing ({length} episodes expected)")
+      sizes.append(0)
+      continue
+    sizes.append(os.path.getsize(path))
+    if sizes[-1] == 0 and length > 0:
+      problems.append(f"{os.path.basename(path)} is empty (0 bytes; {length} episodes "
+                      "expected)")
+  expected_bytes = int(info.num_bytes) + TFRECORD_FRAMING * sum(lengths)
+  if not problems and info.num_bytes and sum(sizes) != expected_bytes:
+    problems = unreadable_shards(builder, split)  # only now: say which shard is cut
+    if not problems:
+      problems.append(f"its shards hold {sum(sizes)} bytes where dataset_info.json implies "
+                      f"{expected_bytes}")
+  if problems:
+    raise InputError(f"RLDS dataset {builder.data_dir}, split {base!r}: " + "; ".join(problems)
+                     + ". Re-download or regenerate those shards (or the dataset).")
 
 
 def host_split(split: str, process_index: int, process_count: int):

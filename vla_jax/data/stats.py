@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -110,10 +110,13 @@ def summarize(values: np.ndarray, mask: Optional[np.ndarray] = None) -> NormStat
 
 
 def compute_statistics(trajectories: tf.data.Dataset, action_mask, *, skip_nonfinite: bool,
-                       fingerprint_: str = "", name: str = "") -> DatasetStatistics:
+                       fingerprint_: str = "", name: str = "",
+                       describe_corruption: Optional[Callable[[], str]] = None
+                       ) -> DatasetStatistics:
   """One pass over unfiltered trajectories (images dropped) -> DatasetStatistics.
 
-  Raises InputError on a corrupt shard, and on NaN/inf trajectories unless skip_nonfinite.
+  Raises InputError on a corrupt shard (naming the shards `describe_corruption()` finds),
+  and on NaN/inf trajectories unless skip_nonfinite.
   """
   numeric = trajectories.map(
       lambda t: (t["action"], t["observation"]["state"], t["episode_id"][:1]),
@@ -130,8 +133,9 @@ def compute_statistics(trajectories: tf.data.Dataset, action_mask, *, skip_nonfi
         actions.append(action)
         states.append(state)
   except tf.errors.DataLossError as e:
-    raise InputError(f"Dataset {name!r} has a corrupt or truncated TFRecord shard: {e.message}. "
-                     f"Re-download or regenerate that shard (its name is in the message).") from e
+    where = describe_corruption() if describe_corruption else e.message.split("\n")[0]
+    raise InputError(f"Dataset {name!r} has corrupt TFRecord data: {where}. Re-download or "
+                     "regenerate those shards.") from e
   if bad_ids and not skip_nonfinite:
     raise InputError(f"Dataset {name!r}: {len(bad_ids)} trajectory(ies) contain NaN or inf in "
                      f"actions or states (first: {bad_ids[:3]}). Clean the data, or set "
