@@ -100,7 +100,8 @@ def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experim
   `weights` holds `student`, `student_format`, `teacher`, `teacher_format` (paths may be
   empty: that part keeps its random init) and optionally `student_vision` (pretrained
   towers + projector laid over the student, `vla_jax.train.pretrain`). Format "orbax"
-  reads a converted checkpoint; "bundled" builds the CPU-sized pretraining on first use.
+  reads a converted checkpoint; "export" a vla_jax export (`--mode=export`: fine-tune
+  from an earlier run); "bundled" builds the CPU-sized pretraining on first use.
   """
   weights = resolve_bundled_weights(weights, experiment)
   params = dict(params)
@@ -114,6 +115,9 @@ def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experim
     logging.info("Loading %s weights (%s) from %s", part, fmt, weights[part])
     if fmt == "orbax":
       params[part], _ = convert_lib.load_converted(weights[part], config, abstract[part])
+    elif part == "student" and fmt == "export":  # a vla_jax run, exported: fine-tune on
+      from vla_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+      params[part] = checkpoint.load_export_as_student(weights[part], experiment)
     elif part == "student" and fmt == BUNDLED:
       from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
       params[part] = pretrain.load_student(weights[part], experiment)

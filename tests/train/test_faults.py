@@ -1,6 +1,7 @@
 """Fault injection on the training loop: divergence, signals, corrupt checkpoints, and what
 is (never) saved."""
 
+import errno
 import logging
 import os
 import signal
@@ -110,3 +111,62 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(small_data,
   assert np.isfinite(summary["final_metrics"]["loss/total"])
   assert (tmp_path / "checkpoints" / "4.corrupt").is_dir()
   assert policy_lib.load_checkpoint(str(tmp_path))[3]["step"] == 6
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_committed_checkpoints(small_data, tmp_path,
+                                                                      monkeypatch):
+  """Orbax / TensorStore report ENOSPC wrapped in their own errors (from a save thread);
+  the run ends with one line saying what is safe and how to resume."""
+  config = make_config(small_data, 6)
+  real_save = ckpt_lib.save
+
+  def save(manager, step, *args, **kwargs):
+    if step >= 4:
+      try:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+      except OSError as e:
+        raise RuntimeError(f"Error writing array of step {step}") from e
+    return real_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib, "save", save)
+  with pytest.raises(CheckpointError) as error:
+    loop.train(config, str(tmp_path))
+  message = str(error.value)
+  assert message.startswith("No space left on device while the run in ")
+  assert "at step 4: the committed checkpoints (steps [2]) are intact" in message
+  assert "resume from step 2" in message and "\n" not in message
+  assert error.value.__cause__ is None and error.value.__suppress_context__
+  params, _, _, _ = policy_lib.load_checkpoint(str(tmp_path), 2)
+  assert jax.tree.leaves(params)
+  assert loop.is_disk_full(OSError(errno.ENOSPC, "x")) and not loop.is_disk_full(OSError(5, "x"))
+
+
+def test_another_experiment_on_resume_is_one_line_and_an_export_fine_tunes(small_data, tmp_path,
+                                                                           caplog):
+  from vla_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from vla_jax.eval import commands  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "run")
+  loop.train(make_config(small_data, 2), run)
+  other = make_config(small_data, 4)
+  other.model.llm.depth = 3
+  with pytest.raises(ConfigError, match=r"holds a run of another experiment \(checkpoint step 2, "
+                     r"preset 'tiny'\) \(this config: preset 'tiny'\): model.llm.depth: 4 -> 3\. "
+                     r"To resume it, pass the config it was written with.*--mode=export"):
+    loop.train(other, run)
+  # Nothing was moved aside as if it were corrupt.
+  assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2"]
+  # Evaluating with the other config says that the checkpoint's own config is used.
+  policy = policy_lib.load_policy(run)
+  with caplog.at_level(logging.WARNING):
+    differences = commands.note_checkpoint_config(other, policy.model.config, run)
+  assert differences == ["model.llm.depth: 4 -> 3"]
+  assert "Evaluating with the checkpoint's own config" in caplog.text
+  # Fine-tuning from the run: its export is the new run's student.
+  export = ckpt_lib.export_latest(os.path.join(run, "checkpoints"), str(tmp_path / "export"))
+  tune = make_config(small_data, 1)
+  tune.weights.student, tune.weights.student_format = export, "export"
+  loop.train(tune, str(tmp_path / "tuned"))
+  other.weights.student, other.weights.student_format = export, "export"
+  with pytest.raises(ConfigError, match=r"export .* was made for another student: "
+                     r"model.llm.depth: 4 -> 3"):
+    loop.train(other, str(tmp_path / "mismatch"))

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -38,16 +38,38 @@ from vla_jax.eval.config import EvalConfig
 from vla_jax.typed_config import from_mapping
 
 
-def _policy(workdir: str, settings: EvalConfig) -> policy_lib.VLAPolicy:
-  return policy_lib.load_policy(workdir, step=settings.step or None,
-                                execute_steps=settings.execute_steps or None)
+def note_checkpoint_config(config: Any, model_config: Any, workdir: str) -> List[str]:
+  """Warns (and returns how) when --config describes another experiment than the one the
+  checkpoint was trained with: evaluation always uses the checkpoint's own, as trained."""
+  from vla_jax.experiment import parse_config  # pylint: disable=g-import-not-at-top
+  from vla_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  try:
+    given = parse_config(config)
+  except Exception:  # pylint: disable=broad-except  # a config we cannot compare: say nothing
+    return []
+  differences = ckpt_lib.config_differences({"model": dataclasses.asdict(model_config)},
+                                            {"model": dataclasses.asdict(given.model)})
+  if differences:
+    logging.warning(
+        "%s was trained with another model config than --config (%s, preset %r): %s. "
+        "Evaluating with the checkpoint's own config, as it was trained.", workdir,
+        "checkpoint -> --config", config.get("preset", ""), "; ".join(differences[:4]) +
+        (f" (and {len(differences) - 4} more)" if len(differences) > 4 else ""))
+  return differences
+
+
+def _policy(config: Any, workdir: str, settings: EvalConfig) -> policy_lib.VLAPolicy:
+  policy = policy_lib.load_policy(workdir, step=settings.step or None,
+                                  execute_steps=settings.execute_steps or None)
+  note_checkpoint_config(config, policy.model.config, workdir)
+  return policy
 
 
 def run_eval_sim(config: Any, workdir: str, settings: EvalConfig,
                  compare_with: Sequence[str] = ()) -> Dict[str, Any]:
   """Evaluates WORKDIR's checkpoint; writes WORKDIR/eval_sim/. Returns the report paths."""
   out_dir = os.path.join(workdir, "eval_sim")
-  policy = _policy(workdir, settings)
+  policy = _policy(config, workdir, settings)
   results = sim_eval.evaluate(policy, settings.splits,
                               sim_eval.eval_seeds(settings.seeds, settings.first_seed),
                               max_steps=settings.max_steps,
@@ -60,7 +82,6 @@ def run_eval_sim(config: Any, workdir: str, settings: EvalConfig,
   if compare_with:
     summary["compare"] = run_compare(
         [f"{os.path.basename(os.path.abspath(workdir))}={out_dir}", *compare_with], out_dir)
-  del config
   return summary
 
 
@@ -95,6 +116,7 @@ def _teacher(config: Any, experiment) -> Tuple[Any, Any]:
 def run_probe(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, Any]:
   """Linear probes on each `settings.layers` of the student and on the teacher."""
   params, experiment, _, _ = policy_lib.load_checkpoint(workdir, settings.step or None)
+  note_checkpoint_config(config, experiment.model, workdir)
   model = VLA(experiment.model)
   images, labels, unseen = probe_lib.object_image_set(
       settings.probe_images_per_object, experiment.model.image_size, config.seed)
@@ -154,7 +176,7 @@ def _prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> Tuple[np.ndarray, np
 
 def run_attention(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, Any]:
   """Normalised attention maps of "Do you see the {object}?" for a few objects."""
-  policy = _policy(workdir, settings)
+  policy = _policy(config, workdir, settings)
   size = policy.model.config.image_size
   objects = settings.attention_objects
   images, _, _ = probe_lib.object_image_set(1, size, config.seed, objects)
@@ -192,7 +214,7 @@ def run_attention(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, 
 
 def run_tsne(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, Any]:
   """t-SNE of the object token's embedding at each `settings.layers`."""
-  policy = _policy(workdir, settings)
+  policy = _policy(config, workdir, settings)
   objects = settings.tsne_objects
   images, labels, _ = probe_lib.object_image_set(
       settings.tsne_images_per_object, policy.model.config.image_size, config.seed, objects)
@@ -220,7 +242,7 @@ def run_open_loop(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, 
   from vla_jax.experiment import parse_config  # pylint: disable=g-import-not-at-top
   from vla_jax.train import loop  # pylint: disable=g-import-not-at-top
   from vla_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  policy = _policy(workdir, settings)
+  policy = _policy(config, workdir, settings)
   train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
   data_config = loop.resolve_data(config, parse_config(config), train_config)
   if policy.model.config.image_size != data_config.image_size:

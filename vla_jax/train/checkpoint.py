@@ -105,6 +105,77 @@ def experiment_from_assets(assets: Mapping[str, Any]) -> Experiment:
   return parse_config(ml_collections.ConfigDict(assets["config"]))
 
 
+# Model settings that change how, not what, a run computes: a run may resume with another.
+EXECUTION_ONLY = ("remat", "remat_policy", "dtype")
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       ignore: Tuple[str, ...] = EXECUTION_ONLY) -> List[str]:
+  """"key: saved -> current" for each leaf of two experiment configs that differs (leaves
+  whose last name is in `ignore` excepted), in sorted key order."""
+  a, b = _flatten(_jsonable(saved)), _flatten(_jsonable(current))
+  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in ignore]
+
+
+def _summarize_differences(differences: List[str], shown: int = 4) -> str:
+  more = len(differences) - shown
+  return "; ".join(differences[:shown]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def check_resume_config(manager: ocp.CheckpointManager, experiment: Experiment,
+                        preset: str = "") -> None:
+  """ConfigError if the run's latest checkpoint was written for another experiment.
+
+  Without this a run resumed with another preset or model setting either fails deep in
+  Orbax or, where the shapes happen to agree, silently continues a different experiment.
+  Unreadable assets are left to `maybe_restore` (which falls back past corrupt steps).
+  """
+  step = manager.latest_step()
+  if step is None:
+    return
+  try:
+    assets = _restore_step(manager, step, {}, ("assets",))["assets"]
+  except CheckpointError:
+    return
+  if "config" not in assets:
+    return
+  differences = config_differences(assets["config"], experiment_to_config(experiment))
+  if not differences:
+    return
+  workdir = os.path.dirname(os.fspath(manager.directory))
+  written = f", preset {assets['preset']!r}" if assets.get("preset") else ""
+  now = f" (this config: preset {preset!r})" if preset else ""
+  raise ConfigError(
+      f"{workdir} holds a run of another experiment (checkpoint step {step}{written}){now}: "
+      f"{_summarize_differences(differences)}. To resume it, pass the config it was written "
+      "with; to start another run, pass a new --workdir; to fine-tune from it, export it "
+      f"(--mode=export --workdir={workdir}) and start the new run with "
+      "--config.weights.student=EXPORT_DIR --config.weights.student_format=export.")
+
+
+def load_export_as_student(path: str, experiment: Experiment) -> Any:
+  """The student params of an export, to fine-tune from (weights.student_format="export");
+  ConfigError unless the export's model config equals this experiment's."""
+  params, exported, _, _ = load_policy_params(path)
+  differences = config_differences({"model": dataclasses.asdict(exported.model)},
+                                   {"model": dataclasses.asdict(experiment.model)}, ignore=())
+  if differences:
+    raise ConfigError(f"the export {path} was made for another student: "
+                      f"{_summarize_differences(differences)}. Use its model config, e.g. the "
+                      "preset it was trained with.")
+  return params
+
+
 def make_assets(experiment: Experiment, norm_stats: Mapping[str, NormStats], *,
                 tokenizer: str = "", extra: Optional[Mapping[str, Any]] = None) -> Dict:
   """The JSON `assets` item: {"config", "norm_stats": {name: stats}, "tokenizer", ...}."""

@@ -13,6 +13,7 @@ a summary JSON and a PNG of the loss curves.
 """
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from vla_jax import modeling
 from vla_jax.actions import ActionTokenizer
 from vla_jax.data import pipeline as data_lib
-from vla_jax.errors import ConfigError, DivergenceError, TrainingStopped
+from vla_jax.errors import CheckpointError, ConfigError, DivergenceError, TrainingStopped
 from vla_jax.experiment import Experiment, parse_config
 from vla_jax.text import Tokenizer
 from vla_jax.train import checkpoint as ckpt_lib
@@ -215,6 +216,34 @@ class StopSignal:
 
 
 # ----------------------------------------------------------------------------- train
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or any exception it was raised from, is ENOSPC (Orbax and TensorStore
+  wrap the OSError of a full disk in their own types, or only keep its message)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def disk_full_error(workdir: str, step: int, manager) -> CheckpointError:
+  """One line instead of hundreds from Orbax's threads: what failed and what is safe."""
+  try:
+    saved = sorted(manager.all_steps())
+  except Exception:  # pylint: disable=broad-except  # the listing itself may fail now
+    saved = []
+  resume = (f"the committed checkpoints (steps {saved}) are intact; free space (or pass a "
+            f"--workdir on a larger disk) and run the same command to resume from step "
+            f"{saved[-1]}" if saved else "no checkpoint had been committed; free space and "
+            "run the same command to start again")
+  return CheckpointError(f"No space left on device while the run in {os.path.abspath(workdir)} "
+                         f"was writing (checkpoint or metrics) at step {step}: {resume}.")
+
+
 def check_intervals(config: Any) -> None:
   """log_every / checkpoint_every >= 1, eval_every >= 0 (0 = off), eval_batches >= 1."""
   for key, low, meaning in (("log_every", 1, "log every N steps"),
@@ -279,6 +308,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"),
                                   max_to_keep=config.keep_checkpoints,
                                   keep_period=config.keep_period or None)
+  ckpt_lib.check_resume_config(manager, experiment, config.get("preset", ""))
   state, _, data_state = ckpt_lib.maybe_restore(manager, state, state_sharding)
   iterator = data_lib.make_iterator(data_config, state=data_state)
   norm_stats = {name: s.action for name, s in iterator.info["statistics"].items()}
@@ -289,7 +319,8 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                                                 "proprio_dims": list(data_config.proprio_dims),
                                                 "action_horizon": data_config.action_horizon,
                                                 "normalization": data_config.normalization},
-                                       "state_stats": state_stats})
+                                       "state_stats": state_stats,
+                                       "preset": config.get("preset", "")})
   with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
     json.dump(assets["norm_stats"], f, indent=1)
 
@@ -330,47 +361,53 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   max_nonfinite = train_config.max_nonfinite_steps
   tick = time.perf_counter()
   stopped_at = None
-  with StopSignal() as stop:
-    try:
-      for step_number in progress:
-        batch = sharding_lib.shard_batch(to_train_batch(next(iterator)), mesh)
-        state, metrics = train_step(state, frozen, batch)
-        nonfinite = count_nonfinite(nonfinite, metrics["nonfinite"])
-        done = step_number + 1
-        stopping = stop.received is not None  # read once: a signal may land mid-iteration
-        is_last = done == train_config.num_steps
-        is_log = done % config.log_every == 0 or is_last
-        is_save = done % config.checkpoint_every == 0 or is_last or stopping
-        # The streak is read from the device only when the host syncs anyway, or once
-        # every max_nonfinite steps (the longest streak is kept, so none is missed).
-        if is_log or is_save or done % max_nonfinite == 0:
-          skipped = check_divergence(nonfinite, max_nonfinite, done, manager.latest_step(),
-                                     manager.directory, train_config.learning_rate)
-        if is_log:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          metrics["nonfinite_steps"] = float(skipped)
-          elapsed = time.perf_counter() - tick
-          steps = done - (start if not step_times else step_times[-1][0])
-          step_times.append((done, elapsed / steps))
-          metrics["throughput/steps_per_s"] = steps / elapsed
-          metrics["throughput/frames_per_s"] = steps * train_config.batch_size / elapsed
-          tick = time.perf_counter()
-          if config.eval_every and (done % config.eval_every == 0 or is_last):
-            metrics.update(evaluate())
-          writer.write(done, metrics)
-          last = metrics
-          progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
-                                if k in ("loss/action", "loss/align", "align/cos_sim")})
-        if is_save:
-          save(done, force=stopping)
-        if stopping and not is_last:
-          stopped_at = done
-          break
-    finally:
-      # Saves already under way hold good states (a diverged one raises before saving):
-      # let them commit before the error, or the summary, leaves this function.
-      manager.wait_until_finished()
-      writer.close()
+  done = start
+  try:
+    with StopSignal() as stop:
+      try:
+        for step_number in progress:
+          batch = sharding_lib.shard_batch(to_train_batch(next(iterator)), mesh)
+          state, metrics = train_step(state, frozen, batch)
+          nonfinite = count_nonfinite(nonfinite, metrics["nonfinite"])
+          done = step_number + 1
+          stopping = stop.received is not None  # read once: a signal may land mid-iteration
+          is_last = done == train_config.num_steps
+          is_log = done % config.log_every == 0 or is_last
+          is_save = done % config.checkpoint_every == 0 or is_last or stopping
+          # The streak is read from the device only when the host syncs anyway, or once
+          # every max_nonfinite steps (the longest streak is kept, so none is missed).
+          if is_log or is_save or done % max_nonfinite == 0:
+            skipped = check_divergence(nonfinite, max_nonfinite, done, manager.latest_step(),
+                                       manager.directory, train_config.learning_rate)
+          if is_log:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics["nonfinite_steps"] = float(skipped)
+            elapsed = time.perf_counter() - tick
+            steps = done - (start if not step_times else step_times[-1][0])
+            step_times.append((done, elapsed / steps))
+            metrics["throughput/steps_per_s"] = steps / elapsed
+            metrics["throughput/frames_per_s"] = steps * train_config.batch_size / elapsed
+            tick = time.perf_counter()
+            if config.eval_every and (done % config.eval_every == 0 or is_last):
+              metrics.update(evaluate())
+            writer.write(done, metrics)
+            last = metrics
+            progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
+                                  if k in ("loss/action", "loss/align", "align/cos_sim")})
+          if is_save:
+            save(done, force=stopping)
+          if stopping and not is_last:
+            stopped_at = done
+            break
+      finally:
+        # Saves already under way hold good states (a diverged one raises before saving):
+        # let them commit before the error, or the summary, leaves this function.
+        manager.wait_until_finished()
+        writer.close()
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_disk_full(e):
+      raise
+    raise disk_full_error(workdir, done, manager) from None
   if stopped_at is not None:
     saved, directory = manager.latest_step(), manager.directory
     manager.close()
