@@ -42,6 +42,7 @@ def _results(workdir, method, seed=0):
   return sim_eval.load_results(os.path.join(workdir, "runs", f"{method}_seed{seed}", "eval_sim"))
 
 
+@pytest.mark.slow  # the smoke study (every stage, a few steps)
 def test_smoke_study_writes_every_output(smoke):
   config, workdir, summary, seconds = smoke
   for name in ("report.md", "summary.json", "axes.png", "probe.png", "attention.png",
@@ -71,6 +72,7 @@ def test_smoke_study_writes_every_output(smoke):
   assert "| vlthink | vlthink_shape |" in report
 
 
+@pytest.mark.slow  # the smoke study (every stage, a few steps)
 def test_report_numbers_follow_from_episode_records(smoke):
   _, workdir, summary, _ = smoke
   for method in ("sft", "align", "freeze"):
@@ -85,6 +87,7 @@ def test_report_numbers_follow_from_episode_records(smoke):
   assert summary["probe_accuracy"]["align"] == probe["align_seed0"]["test_top1"]
 
 
+@pytest.mark.slow  # the smoke study (every stage, a few steps)
 def test_stages_feed_each_other(smoke):
   """Stage 1's teacher loads through the teacher loader; stage 2's VLM is every run's start
   (the Freeze run still holds its vision towers exactly)."""
@@ -115,6 +118,7 @@ def test_stages_feed_each_other(smoke):
   assert max(jax.tree_util.tree_leaves(step_diff)) < 0.1  # 3 steps from the VLM, not random
 
 
+@pytest.mark.slow  # the smoke study (every stage, a few steps)
 def test_rerun_skips_finished_stages(smoke):
   config, workdir, summary, seconds = smoke
   again = study_lib.run_study(config, workdir, "smoke again")

@@ -356,7 +356,9 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
            f"Command: `{summary.get('command', '')}`  ",
            f"Wall clock: {summary.get('wall_clock_s', 0) / 60:.1f} min; seeds per method: "
            + ", ".join(f"{names[m]} {summary['seeds'][m]}" for m in methods)
-           + f"; {summary['eval_episodes']} episodes per environment and run (shared seeds).",
+           + f"; {summary['eval_episodes']} episodes per environment and run (shared seeds)."
+           + (f" Fine-tuning not timed by the study (found finished): "
+              f"{', '.join(summary['untimed_runs'])}." if summary.get("untimed_runs") else ""),
            "", "Success per environment, mean ± sd over fine-tuning seeds:", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   per_env = summary["per_environment"]
@@ -493,9 +495,13 @@ def run_study(config: Any, workdir: str, command: str = "") -> Dict[str, Any]:
   evals = {name: sim_eval.load_results(os.path.join(run_dir, "eval_sim"))
            for name, run_dir in runs.items()}
   summary = summarize(study, evals, probe)
-  summary = {"command": state.data["invocations"][0]["command"],
+  summary = {"command": state.data["invocations"][-1]["command"],
              "wall_clock_s": float(sum(state.data["seconds"].values())),
-             "stage_seconds": state.data["seconds"], **summary}
+             "stage_seconds": state.data["seconds"],
+             "invocations": state.data["invocations"],
+             # Runs found finished (trained by another command): not in wall_clock_s.
+             "untimed_runs": [n for n in runs if f"finetune/{n}" not in state.data["seconds"]],
+             **summary}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   plot_axes(summary, os.path.join(workdir, "axes.png"))

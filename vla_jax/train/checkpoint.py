@@ -109,22 +109,30 @@ def experiment_from_assets(assets: Mapping[str, Any]) -> Experiment:
 EXECUTION_ONLY = ("remat", "remat_policy", "dtype")
 
 
-def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
-  if isinstance(tree, Mapping):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+  if value is _ABSENT:
+    return "(absent)"
+  return "{...}" if isinstance(value, Mapping) else repr(value)
+
+
+def _differences(a: Any, b: Any, key: str, ignore: Tuple[str, ...]) -> List[str]:
+  if key.rsplit(".", 1)[-1] in ignore:
+    return []
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    return [line for k in sorted(set(a) | set(b)) for line in _differences(
+        a.get(k, _ABSENT), b.get(k, _ABSENT), f"{key}.{k}" if key else str(k), ignore)]
+  return [] if a == b else [f"{key}: {_show(a)} -> {_show(b)}"]
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                        ignore: Tuple[str, ...] = EXECUTION_ONLY) -> List[str]:
-  """"key: saved -> current" for each leaf of two experiment configs that differs (leaves
-  whose last name is in `ignore` excepted), in sorted key order."""
-  a, b = _flatten(_jsonable(saved)), _flatten(_jsonable(current))
-  return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k) and k.rsplit(".", 1)[-1] not in ignore]
+  """"key: saved -> current" for each setting of two experiment configs that differs (a
+  sub-config present on one side only is one line; keys whose last name is in `ignore`
+  are skipped), in sorted key order."""
+  return _differences(_jsonable(saved), _jsonable(current), "", ignore)
 
 
 def _summarize_differences(differences: List[str], shown: int = 4) -> str:
