@@ -47,6 +47,10 @@ setup(
             "msgpack>=1.0",
             "json-numpy>=2.1,<3",
             "requests>=2.28",
+            # tests/test_notebook.py executes notebooks/quickstart.ipynb in a real kernel.
+            "nbclient>=0.9",
+            "nbformat>=5.9",
+            "ipykernel>=6.25",
         ],
         # --mode=serve: openpi's websocket protocol and OpenVLA's REST on one aiohttp port.
         "serve": ["aiohttp>=3.9,<4", "msgpack>=1.0", "json-numpy>=2.1,<3"],

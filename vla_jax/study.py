@@ -394,13 +394,13 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
 
 def plot_axes(summary: Mapping[str, Any], path: str) -> str:
   """Axis means per method (bars: seed mean; dots: each seed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no global backend switch (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   methods = summary["methods"]
   axes = ["train"] + [a for a in AXES if a in summary["method_axis_means"][methods[0]]]
   width = 0.8 / len(methods)
-  fig, ax = plt.subplots(figsize=(7, 3))
+  fig = Figure(figsize=(7, 3))
+  ax = fig.subplots()
   for i, m in enumerate(methods):
     x = np.arange(len(axes)) + (i - (len(methods) - 1) / 2) * width
     per_seed = [[summary["per_environment"][m]["train"][k] if a == "train" else
@@ -417,16 +417,15 @@ def plot_axes(summary: Mapping[str, Any], path: str) -> str:
   ax.set_title("closed-loop success (bars: seed mean, dots: seeds)", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 
 def plot_probe(summary: Mapping[str, Any], path: str) -> str:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no global backend switch (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   probe = summary["probe_accuracy"]
-  fig, ax = plt.subplots(figsize=(5, 2.8))
+  fig = Figure(figsize=(5, 2.8))
+  ax = fig.subplots()
   ax.bar(range(len(probe)), list(probe.values()), color="tab:blue")
   ax.set_xticks(range(len(probe)))
   ax.set_xticklabels(list(probe))
@@ -434,7 +433,6 @@ def plot_probe(summary: Mapping[str, Any], path: str) -> str:
   ax.set_ylabel("probe top-1")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 

@@ -65,7 +65,15 @@ def test_random_policy_scores_near_zero_and_is_reproducible():
 
 
 def test_report_files_are_written(scripted_results, tmp_path):
-  paths = sim_eval.write_report(scripted_results, str(tmp_path))
+  # Plots are drawn without pyplot: a notebook's backend (inline plots) is left alone.
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")
+  try:
+    paths = sim_eval.write_report(scripted_results, str(tmp_path))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
   table = open(paths["table"]).read()
   for split in SPLITS:
     assert f"| {split} |" in table

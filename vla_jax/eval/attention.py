@@ -122,8 +122,6 @@ def normalized_attention(question_map: np.ndarray, generic_map: np.ndarray,
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
   """uint8 [S, S, 3] image with a [g, g] map (min-max scaled, jet colours) blended on top."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
   from matplotlib import cm  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   heat = np.asarray(heat, np.float64)

@@ -149,10 +149,10 @@ def run_probe(config: Any, workdir: str, settings: EvalConfig) -> Dict[str, Any]
 
 
 def _bar(results: Mapping[str, Mapping[str, float]], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(1.1 * len(results) + 1.5, 2.8))
+  # A Figure without pyplot: no global backend switch (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(1.1 * len(results) + 1.5, 2.8))
+  ax = fig.subplots()
   ax.bar(range(len(results)), [r["test_top1"] for r in results.values()], color="tab:blue")
   ax.axhline(next(iter(results.values()))["chance"], color="k", ls="--", lw=1, label="chance")
   ax.set_xticks(range(len(results)))
@@ -162,7 +162,6 @@ def _bar(results: Mapping[str, Mapping[str, float]], path: str) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:

@@ -149,9 +149,9 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 def plot_success(results: Mapping[str, Any], path: str, title: str = "") -> str:
   """Bar chart of success per split with 95 % Wilson intervals, coloured by axis."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no global backend switch (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
   splits = results["splits"]
   names = _ordered(splits)
   rates = np.array([splits[n]["rate"] for n in names])
@@ -159,7 +159,8 @@ def plot_success(results: Mapping[str, Any], path: str, title: str = "") -> str:
   high = np.array([splits[n]["ci95"][1] for n in names])
   palette = {"semantic": "tab:blue", "vision": "tab:orange", "execution": "tab:green",
              "vlthink": "tab:purple", "train": "tab:grey"}
-  fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.2))
+  fig = Figure(figsize=(max(6, 0.45 * len(names)), 3.2))
+  ax = fig.subplots()
   ax.bar(range(len(names)), rates, yerr=np.clip([rates - low, high - rates], 0, 1), capsize=2,
          color=[palette.get(splits[n]["axis"], "tab:grey") for n in names])
   ax.set_xticks(range(len(names)))
@@ -167,13 +168,12 @@ def plot_success(results: Mapping[str, Any], path: str, title: str = "") -> str:
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("success")
   ax.set_title(title or "success per environment (95 % Wilson CI)", fontsize=10)
-  handles = [plt.Rectangle((0, 0), 1, 1, color=palette[a]) for a in palette
+  handles = [Rectangle((0, 0), 1, 1, color=palette[a]) for a in palette
              if any(splits[n]["axis"] == a for n in names)]
   ax.legend(handles, [a for a in palette if any(splits[n]["axis"] == a for n in names)],
             fontsize=7, ncol=5, loc="upper right")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
 
 

@@ -68,14 +68,14 @@ def tsne_plot(embeddings: np.ndarray, labels: np.ndarray, class_names: List[str]
               title: str = "", seed: int = 0) -> np.ndarray:
   """2-D t-SNE of embeddings [n, D] saved as a scatter PNG; returns the points [n, 2]."""
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no global backend switch (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   if len(embeddings) < 4:
     raise InputError(f"t-SNE needs at least 4 points, got {len(embeddings)}.")
   points = TSNE(2, perplexity=min(30.0, (len(embeddings) - 1) / 3), init="pca",
                 random_state=seed).fit_transform(np.asarray(embeddings, np.float64))
-  fig, ax = plt.subplots(figsize=(4.2, 3.6))
+  fig = Figure(figsize=(4.2, 3.6))
+  ax = fig.subplots()
   for label, name in enumerate(class_names):
     sel = labels == label
     ax.scatter(points[sel, 0], points[sel, 1], s=12, label=name)
@@ -85,5 +85,4 @@ def tsne_plot(embeddings: np.ndarray, labels: np.ndarray, class_names: List[str]
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return points

@@ -131,16 +131,16 @@ class MetricsWriter:
 
 def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
   """Loss and alignment curves from `metrics.jsonl` as one PNG (None without data)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no global backend switch (a notebook keeps its inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   rows = workdir_lib.read_metrics(jsonl_path)
   panels = [("loss/action", "train action loss"), ("loss/align", "train align loss"),
             ("align/cos_sim", "train cos sim"), ("action/token_accuracy", "train token acc.")]
   panels = [(k, t) for k, t in panels if any(k in r for r in rows)]
   if not panels:
     return None
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0))
+  fig = Figure(figsize=(3.6 * len(panels), 3.0))
+  axes = fig.subplots(1, len(panels))
   for ax, (key, title) in zip(np.atleast_1d(axes), panels):
     points = [(r["step"], r[key]) for r in rows if key in r]
     ax.plot(*zip(*points), lw=1.5)
@@ -153,7 +153,6 @@ def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(png_path, dpi=110)
-  plt.close(fig)
   return png_path
 
 
