@@ -2,8 +2,10 @@
 
 A run's directory holds one folder per saved step with five Orbax items:
 
-  train_state/    the TrainState (trainable params, LoRA factors, optimizer state, step, rng)
-  params/         the student's inference parameters (LoRA merged), ready to serve
+  train_state/    the TrainState (trainable params, LoRA factors, optimizer state, step, rng,
+                  the moving average of the weights when train.ema_decay > 0)
+  params/         the student's inference parameters (LoRA merged; the moving average when
+                  there is one), ready to serve
   assets/         JSON: normalisation statistics, the experiment config, tokenizer reference
   data_iterator/  JSON: where the input pipeline is (e.g. {"examples_seen": ...})
   checksums/      JSON: a checksum of every array above (with its dtype and shape) and
@@ -35,6 +37,7 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from etils import epath
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -140,8 +143,16 @@ def _summarize_differences(differences: List[str], shown: int = 4) -> str:
   return "; ".join(differences[:shown]) + (f" (and {more} more)" if more > 0 else "")
 
 
+def train_layout(train_config: Any) -> Dict[str, Any]:
+  """The train config's keys that shape the saved train state (what it holds, not how it
+  is optimised): a run is resumed only into the same layout."""
+  return {"trainable": train_config.trainable,
+          "freeze_projector": bool(train_config.freeze_projector),
+          "ema": train_config.ema_decay > 0}
+
+
 def check_resume_config(manager: ocp.CheckpointManager, experiment: Experiment,
-                        preset: str = "") -> None:
+                        preset: str = "", layout: Optional[Mapping[str, Any]] = None) -> None:
   """ConfigError if the run's latest checkpoint was written for another experiment.
 
   Without this a run resumed with another preset or model setting either fails deep in
@@ -158,6 +169,12 @@ def check_resume_config(manager: ocp.CheckpointManager, experiment: Experiment,
   if "config" not in assets:
     return
   differences = config_differences(assets["config"], experiment_to_config(experiment))
+  # Checkpoints written before the layout was recorded kept no moving average.
+  saved_layout = assets.get("train_layout", {"ema": False})
+  if layout is not None:
+    differences += [f"train.{'ema_decay > 0' if k == 'ema' else k}: {saved_layout[k]!r} "
+                    f"-> {v!r}" for k, v in layout.items()
+                    if k in saved_layout and saved_layout[k] != v]
   if not differences:
     return
   workdir = os.path.dirname(os.fspath(manager.directory))
@@ -366,12 +383,39 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 # Typed PRNG keys are stored as their raw uint32 data.
-def _to_storable(state: TrainState) -> TrainState:
-  return state.replace(rng=jax.random.key_data(state.rng))
+@flax.struct.dataclass
+class _StateWithoutEma:
+  """How a train state without a moving average is stored: the layout of checkpoints
+  written before `TrainState.ema` existed, so that they still restore (Orbax matches
+  the tree by field names)."""
+  step: Any
+  params: Any
+  lora: Any
+  opt_state: Any
+  rng: Any
 
 
-def _abstract_storable(abstract_state: TrainState) -> TrainState:
-  return abstract_state.replace(rng=jax.eval_shape(jax.random.key_data, abstract_state.rng))
+def _without_empty_ema(state: TrainState) -> Any:
+  if state.ema:
+    return state
+  return _StateWithoutEma(step=state.step, params=state.params, lora=state.lora,
+                          opt_state=state.opt_state, rng=state.rng)
+
+
+def _from_stored(stored: Any) -> TrainState:
+  if isinstance(stored, TrainState):
+    return stored
+  return TrainState(step=stored.step, params=stored.params, lora=stored.lora,
+                    opt_state=stored.opt_state, rng=stored.rng, ema={})
+
+
+def _to_storable(state: TrainState) -> Any:
+  return _without_empty_ema(state.replace(rng=jax.random.key_data(state.rng)))
+
+
+def _abstract_storable(abstract_state: TrainState) -> Any:
+  return _without_empty_ema(abstract_state.replace(
+      rng=jax.eval_shape(jax.random.key_data, abstract_state.rng)))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: Any,
@@ -391,7 +435,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: A
     raise CheckpointError("save() got empty inference params; pass the student's full tree "
                           "(vla_jax.train.state.student_params(state, frozen_params, lora)).")
   # A diverged state must never replace good checkpoints (rotation would delete them).
-  check_finite({"train_state": state.trainable, "opt_state": state.opt_state},
+  check_finite({"train_state": state.trainable, "opt_state": state.opt_state, "ema": state.ema},
                f"refusing to save step {step}: the train state and optimizer state",
                "the run has diverged. Resume from the last good checkpoint with a lower "
                "train.learning_rate.")
@@ -437,9 +481,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state: TrainState,
   target = _with_shardings(abstract_state, state_shardings)
   target = target.replace(rng=jax.ShapeDtypeStruct(
       _abstract_storable(abstract_state).rng.shape, jnp.uint32, sharding=target.rng.sharding))
-  restored = _restore_step(manager, step, {"train_state": target},
+  restored = _restore_step(manager, step, {"train_state": _without_empty_ema(target)},
                           ("assets", "data_iterator"))
-  state = restored["train_state"]
+  state = _from_stored(restored["train_state"])
   state = state.replace(rng=jax.random.wrap_key_data(state.rng))
   return state, restored["assets"], restored["data_iterator"]
 

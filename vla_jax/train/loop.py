@@ -307,7 +307,8 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"),
                                   max_to_keep=config.keep_checkpoints,
                                   keep_period=config.keep_period or None)
-  ckpt_lib.check_resume_config(manager, experiment, config.get("preset", ""))
+  ckpt_lib.check_resume_config(manager, experiment, config.get("preset", ""),
+                               ckpt_lib.train_layout(train_config))
   state, _, data_state = ckpt_lib.maybe_restore(manager, state, state_sharding)
   iterator = data_lib.make_iterator(data_config, state=data_state)
   norm_stats = {name: s.action for name, s in iterator.info["statistics"].items()}
@@ -319,6 +320,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                                                 "action_horizon": data_config.action_horizon,
                                                 "normalization": data_config.normalization},
                                        "state_stats": state_stats,
+                                       "train_layout": ckpt_lib.train_layout(train_config),
                                        "preset": config.get("preset", "")})
   with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
     json.dump(assets["norm_stats"], f, indent=1)

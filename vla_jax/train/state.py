@@ -61,6 +61,10 @@ class TrainConfig:
     seed: seeds parameter init, LoRA init and the train rng.
     max_nonfinite_steps: a step with a NaN/inf loss or gradient norm is skipped (no
       update); this many in a row stop the run with an error (the run has diverged).
+    ema_decay: keep an exponential moving average of the trainable weights (and LoRA
+      factors), ema <- d * ema + (1 - d) * weights after every applied update, started
+      from the initial weights; 0 = off. When on, validation, checkpoints' inference
+      params, evaluation and export use the average (openpi fine-tunes with 0.99).
   """
   learning_rate: float = 5e-4
   schedule: str = "constant"
@@ -80,6 +84,7 @@ class TrainConfig:
   num_steps: int = 60_000
   seed: int = 0
   max_nonfinite_steps: int = 10
+  ema_decay: float = 0.0
 
   def __post_init__(self):
     require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate!r}.")
@@ -95,6 +100,9 @@ class TrainConfig:
     require(0.0 <= self.end_lr_factor <= 1.0,
             f"train.end_lr_factor must be in [0, 1], got {self.end_lr_factor!r}.")
     require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay!r}.")
+    require(isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0,
+            f"train.ema_decay must be in [0, 1) (0 = no moving average; openpi uses 0.99), "
+            f"got {self.ema_decay!r}.")
     require(self.grad_clip_norm >= 0,
             f"train.grad_clip_norm must be >= 0 (0 disables clipping), got {self.grad_clip_norm!r}.")
     require(self.batch_size % self.grad_accum_steps == 0,
@@ -239,17 +247,25 @@ class TrainState:
     lora: LoRA factors {kernel path: {"a", "b"}} ({} when LoRA is off).
     opt_state: optimizer state over `{"params": params, "lora": lora}`.
     rng: key for stochastic parts of the step (LoRA dropout), folded with `step`.
+    ema: moving average of `trainable` ({"params", "lora"}; {} when train.ema_decay=0).
   """
   step: jax.Array
   params: Dict[str, Any]
   lora: Dict[str, Any]
   opt_state: Any
   rng: jax.Array
+  ema: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def trainable(self) -> Dict[str, Any]:
     """The tree the optimizer sees."""
     return {"params": self.params, "lora": self.lora}
+
+  @property
+  def inference_trainable(self) -> Dict[str, Any]:
+    """What validation, checkpoints' inference params and export use: the moving
+    average when the run keeps one, else the weights themselves."""
+    return self.ema or self.trainable
 
 
 def create_train_state(experiment: Experiment, train_config: TrainConfig,
@@ -271,8 +287,11 @@ def create_train_state(experiment: Experiment, train_config: TrainConfig,
   if experiment.lora is not None:
     lora = lora_lib.init_lora(lora_key, params["student"], experiment.lora)
   opt_state = make_optimizer(train_config).init({"params": trainable, "lora": lora})
+  # The average starts at the initial weights (a copy: the step donates the state).
+  ema = (jax.tree.map(jnp.copy, {"params": trainable, "lora": lora})
+         if train_config.ema_decay > 0 else {})
   state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, lora=lora,
-                     opt_state=opt_state, rng=state_key)
+                     opt_state=opt_state, rng=state_key, ema=ema)
   frozen_params = {"student": frozen, "teacher": params["teacher"],
                    "projector": params["projector"]}
   return state, frozen_params
@@ -280,8 +299,10 @@ def create_train_state(experiment: Experiment, train_config: TrainConfig,
 
 def student_params(state: TrainState, frozen_params: Dict[str, Any],
                    lora_config: Optional[lora_lib.LoraConfig]) -> Dict[str, Any]:
-  """The student's full tree with LoRA merged: what inference and export use."""
-  full = merge_params(state.params, frozen_params["student"])
-  if lora_config is not None and state.lora:
-    full = lora_lib.merge(full, state.lora, lora_config)
+  """The student's full tree with LoRA merged: what inference and export use (with the
+  moving average of the weights in place of the weights when the run keeps one)."""
+  trainable = state.inference_trainable
+  full = merge_params(trainable["params"], frozen_params["student"])
+  if lora_config is not None and trainable["lora"]:
+    full = lora_lib.merge(full, trainable["lora"], lora_config)
   return full

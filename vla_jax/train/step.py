@@ -282,10 +282,14 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
     finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    ema = state.ema
+    if ema:
+      decay = jnp.asarray(train_config.ema_decay, jnp.float32)
+      ema = keep(jax.tree.map(lambda e, w: decay * e + (1 - decay) * w, ema, trainable), ema)
     state = state.replace(step=state.step + 1,
                           params=keep(trainable["params"], state.trainable["params"]),
                           lora=keep(trainable["lora"], state.trainable["lora"]),
-                          opt_state=keep(opt_state, state.opt_state))
+                          opt_state=keep(opt_state, state.opt_state), ema=ema)
     return state, metrics
 
   return train_step
@@ -296,7 +300,8 @@ def make_eval_step(models: Models, experiment: Experiment,
                    ) -> Callable[[TrainState, Dict[str, Any], Batch], Metrics]:
   """A pure `eval_step(state, frozen_params, batch) -> metrics` for open-loop validation.
 
-  Deterministic (no LoRA dropout), no update. The alignment metrics (loss/align,
+  Deterministic (no LoRA dropout), no update; it measures the weights inference uses (the
+  moving average when train.ema_decay > 0). The alignment metrics (loss/align,
   align/cos_sim) are always computed, also for plain SFT runs, so that representation
   drift can be compared across align_coeff values; loss/total uses the run's align_coeff.
   """
@@ -305,8 +310,8 @@ def make_eval_step(models: Models, experiment: Experiment,
 
   def eval_step(state: TrainState, frozen_params: Dict[str, Any], batch: Batch) -> Metrics:
     check_batch(batch)
-    student = _student_tree(experiment, state.trainable, frozen_params["student"], None,
-                            deterministic=True)
+    student = _student_tree(experiment, state.inference_trainable, frozen_params["student"],
+                            None, deterministic=True)
     sums, align_values = _forward(models, experiment, action_tokenizer, student,
                                   frozen_params, batch, True)
     return _finish_metrics(sums, align_values, align_coeff)
