@@ -93,6 +93,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # The other keys repeat DataConfig's defaults (tests/test_experiment.py checks they
   # agree) so that each can be overridden from the command line, e.g.
   # --config.data.skip_bad_episodes=True; the config stays free of TensorFlow imports.
+  # host_sharding="global": the hosts of a multi-process run together see exactly the
+  # batches of a single-process run; "episodes" reads less per host, but then the
+  # batches depend on the number of hosts.
   config.data = dict(
       sources=[dict(name="tabletop", data_dir="", weight=1.0, split="train")],
       shuffle_buffer=2_000 if tiny else 100_000, max_length=64,
@@ -100,6 +103,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       augment=dict(enabled=True, crop_scale=0.9, brightness=0.2, contrast=(0.8, 1.2),
                    saturation=(0.8, 1.2), hue=0.05),
       image_roles=("primary",), balance_weights=False, normalization="bounds_q99",
+      host_sharding="global",
       window_size=1, filter_noops=False,
       noop_translation=0.01, noop_rotation=0.06, val_fraction=0.05,
       skip_bad_episodes=False, stats_dir="~/.cache/vla_jax/stats", num_parallel_calls=-1)
@@ -109,6 +113,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.checkpoint_every = 500 if tiny else 2_000
   config.keep_checkpoints = 3
   config.keep_period = 0  # also keep every K-th step (0 = no)
+  # Merged inference params in every checkpoint: "auto" = all runs but LoRA runs, which
+  # save their factors and optimizer state only (the policy is rebuilt on load from the
+  # factors and the base weights; --mode=export writes merged params); "always"; "never".
+  config.checkpoint_params = "auto"
   # Evaluation and analysis modes (eval_sim, open_loop, probe, attention, tsne).
   config.eval = dataclasses.asdict(eval_config.EvalConfig())
   return config

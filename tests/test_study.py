@@ -104,8 +104,7 @@ def test_stages_feed_each_other(smoke):
   teacher = teacher_weights.load_teacher(weights["teacher"], experiment.teacher, "big_vision")
   assert jax.tree_util.tree_leaves(teacher)
   models = modeling.build_models(experiment)
-  params = modeling.load_checkpoints(
-      modeling.init_params(models, experiment, jax.random.key(0)), models, experiment, weights)
+  params = modeling.create_params(models, experiment, weights, jax.random.key(0))
   frozen, _, _, _ = policy_lib.load_checkpoint(os.path.join(workdir, "runs", "freeze_seed0"))
   tuned, _, _, _ = policy_lib.load_checkpoint(os.path.join(workdir, "runs", "sft_seed0"))
   same = jax.tree_util.tree_map(np.array_equal, frozen["siglip"], params["student"]["siglip"])

@@ -39,7 +39,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
@@ -118,8 +117,8 @@ def describe(config, workdir: str) -> dict:
   images, tokens, token_source = _demo_batch(config, experiment, config.batch_size)
   models = modeling.build_models(experiment)
   start = time.perf_counter()
-  params = modeling.init_params(models, experiment, jax.random.key(config.seed))
-  params = modeling.load_checkpoints(params, models, experiment, config.weights)
+  params = modeling.create_params(models, experiment, config.weights,
+                                  jax.random.key(config.seed))
   init_s = time.perf_counter() - start
 
   forward = jax.jit(lambda p, i, t: modeling.aligned_forward(models, experiment, p, i, t))
@@ -168,9 +167,7 @@ def convert(config, workdir: str) -> list:
     if weights[part] and weights[f"{part}_format"] == "orbax":
       raise VlaJaxError(f"config.weights.{part} is already an Orbax checkpoint.")
   models = modeling.build_models(experiment)
-  abstract = modeling.abstract_params(models, experiment)
-  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  params = modeling.load_checkpoints(params, models, experiment, weights)
+  params = modeling.read_checkpoints(models, experiment, weights)
   written = []
   for part, part_config in (("student", experiment.model), ("teacher", experiment.teacher)):
     if weights[part]:

@@ -1,8 +1,9 @@
 """The three models of an alignment experiment and the forward pass that joins them.
 
 An `Experiment` (student VLA, frozen teacher, frozen alignment projector) becomes
-`Models`; `init_params` creates their parameters (random, jitted) and `load_checkpoints`
-replaces them with local checkpoints where the config names one. `aligned_forward`
+`Models`; `create_params` reads the local checkpoints the config names
+(`read_checkpoints`) and initialises only what they do not provide (`init_params`), each
+tensor straight onto its sharding when a mesh is given. `aligned_forward`
 is the pure function at the heart of training: one student pass that returns logits
 and the `align_layer` hidden states at the visual tokens, one teacher pass on the same
 images under `stop_gradient`, the frozen projector, and `loss/align` with its metrics.
@@ -10,10 +11,11 @@ images under `stop_gradient`, the frozen projector, and `loss/align` with its me
 
 import dataclasses
 import logging
-from typing import Any, Dict, Tuple
+from typing import Any, Collection, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from vla_jax.errors import ConfigError
 from vla_jax.experiment import Experiment
@@ -57,9 +59,27 @@ def abstract_params(models: Models, experiment: Experiment) -> Dict[str, Any]:
   return jax.eval_shape(lambda: _init_all(models, experiment, jax.random.key(0)))
 
 
-def init_params(models: Models, experiment: Experiment, rng) -> Dict[str, Any]:
-  """Random parameters for student, teacher and projector (one jitted init)."""
-  return jax.jit(lambda r: _init_all(models, experiment, r))(rng)
+def init_params(models: Models, experiment: Experiment, rng, shardings: Any = None,
+                only: Optional[Collection[Tuple[str, ...]]] = None) -> Dict[str, Any]:
+  """Random parameters for student, teacher and projector (one jitted init).
+
+  Args:
+    shardings: optional pytree like the params of `jax.sharding.Sharding`s: every leaf is
+      then created directly on its devices, never gathered on one.
+    only: optional flat paths (key tuples, e.g. ("projector", "layers_0", "kernel")):
+      create just these leaves (the others are not computed) and return them as a flat
+      {path: array} dict. Their values equal the full init's for the same `rng`.
+  """
+  if only is None:
+    return jax.jit(lambda r: _init_all(models, experiment, r), out_shardings=shardings)(rng)
+  only = tuple(only)
+  if not only:
+    return {}
+  flat_shardings = (None if shardings is None else
+                    {path: traverse_util.flatten_dict(shardings)[path] for path in only})
+  pick = lambda r: {path: traverse_util.flatten_dict(_init_all(models, experiment, r))[path]
+                    for path in only}
+  return jax.jit(pick, out_shardings=flat_shardings)(rng)
 
 
 BUNDLED = "bundled"
@@ -93,42 +113,93 @@ def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, A
   return weights
 
 
-def load_checkpoints(params: Dict[str, Any], models: Models, experiment: Experiment,
-                     weights: Any) -> Dict[str, Any]:
-  """Replaces student/teacher params with the checkpoints named in `weights`.
+def _placed(tree: Any, shardings: Any) -> Any:
+  """A host-loaded tree put on its shardings leaf by leaf (for the small CPU-sized formats
+  whose readers have no sharded path)."""
+  if shardings is None:
+    return tree
+  return jax.tree.map(jax.device_put, tree, _matching(shardings, tree))
 
-  `weights` holds `student`, `student_format`, `teacher`, `teacher_format` (paths may be
-  empty: that part keeps its random init) and optionally `student_vision` (pretrained
-  towers + projector laid over the student, `vla_jax.train.pretrain`). Format "orbax"
-  reads a converted checkpoint; "export" a vla_jax export (`--mode=export`: fine-tune
-  from an earlier run); "bundled" builds the CPU-sized pretraining on first use.
+
+def _matching(shardings: Any, tree: Any) -> Any:
+  """The part of the `shardings` tree that has `tree`'s keys (a subtree-only checkpoint)."""
+  if not isinstance(tree, dict):
+    return shardings
+  return {k: _matching(shardings[k], v) for k, v in tree.items()}
+
+
+def read_checkpoints(models: Models, experiment: Experiment, weights: Any,
+                     shardings: Any = None) -> Dict[str, Any]:
+  """The parameters that the checkpoints named in `weights` provide, nothing else.
+
+  `weights` holds `student`, `student_format`, `teacher`, `teacher_format` (empty paths
+  are skipped) and optionally `student_vision` (pretrained towers + projector laid over
+  the student, `vla_jax.train.pretrain`). Format "orbax" reads a converted checkpoint;
+  "export" a vla_jax export (`--mode=export`: fine-tune from an earlier run); "bundled"
+  builds the CPU-sized pretraining on first use.
+
+  Args:
+    shardings: optional pytree like the params ({"student", "teacher", "projector"}) of
+      shardings; the HF, big_vision, Orbax and export readers then place each tensor
+      straight onto its devices, one tensor at a time (safetensors memory-mapped).
+  Returns:
+    A partial params tree: {"student": ..., "teacher": ...} for the parts (or, with
+    `student_vision` only, the subtrees) that a checkpoint provides.
   """
   weights = resolve_bundled_weights(weights, experiment)
-  params = dict(params)
-  abstract = abstract_params(models, experiment)
+  part_shardings = shardings or {}
+  loaded: Dict[str, Any] = {}
   loaders = {"student": (experiment.model, vla_weights.load_student, "hf"),
              "teacher": (experiment.teacher, teacher_weights.load_teacher, "big_vision")}
   for part, (config, load, default_format) in loaders.items():
     if not weights.get(part):
       continue
     fmt = weights.get(f"{part}_format", default_format)
+    target = part_shardings.get(part)
     logging.info("Loading %s weights (%s) from %s", part, fmt, weights[part])
     if fmt == "orbax":
-      params[part], _ = convert_lib.load_converted(weights[part], config, abstract[part])
+      abstract = abstract_params(models, experiment)[part]
+      loaded[part], _ = convert_lib.load_converted(weights[part], config, abstract, target)
     elif part == "student" and fmt == "export":  # a vla_jax run, exported: fine-tune on
       from vla_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-      params[part] = checkpoint.load_export_as_student(weights[part], experiment)
+      loaded[part] = checkpoint.load_export_as_student(weights[part], experiment, target)
     elif part == "student" and fmt == BUNDLED:
       from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-      params[part] = pretrain.load_student(weights[part], experiment)
+      loaded[part] = _placed(pretrain.load_student(weights[part], experiment), target)
     else:
-      params[part] = load(weights[part], config, fmt)
+      loaded[part] = load(weights[part], config, fmt, shardings=target)
   if weights.get("student_vision"):
     from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
     logging.info("Loading pretrained student vision from %s", weights["student_vision"])
-    params["student"] = {**params["student"],
-                         **pretrain.load_student_vision(weights["student_vision"], experiment)}
-  return params
+    vision = pretrain.load_student_vision(weights["student_vision"], experiment)
+    loaded["student"] = {**loaded.get("student", {}),
+                         **_placed(vision, part_shardings.get("student"))}
+  return loaded
+
+
+def create_params(models: Models, experiment: Experiment, weights: Any, rng,
+                  shardings: Any = None) -> Dict[str, Any]:
+  """All parameters of an experiment: checkpoint tensors where `weights` names a
+  checkpoint (`read_checkpoints`), a random init (`init_params`, the same values as a
+  full init with `rng`) for every leaf none provides (the projector, the LoRA-free rest).
+
+  With `shardings` (e.g. `sharding.tree_shardings(abstract_params(...), mesh, config)`)
+  no step holds the whole tree on one device or in host memory: checkpoint tensors are
+  read one at a time onto their shards and the random leaves are created under
+  `jax.jit(out_shardings=...)`, computing only those leaves.
+  """
+  abstract = traverse_util.flatten_dict(abstract_params(models, experiment))
+  loaded = traverse_util.flatten_dict(read_checkpoints(models, experiment, weights, shardings))
+  for path, value in loaded.items():
+    expected = abstract.get(path)
+    if expected is None or tuple(value.shape) != tuple(expected.shape):
+      raise ConfigError(
+          f"checkpoint parameter {'/'.join(path)} {tuple(value.shape)} does not fit this "
+          f"experiment ({'absent' if expected is None else tuple(expected.shape)}); the "
+          "config (model / teacher) must describe the checkpoint's model.")
+  missing = [path for path in abstract if path not in loaded]
+  fresh = init_params(models, experiment, rng, shardings, only=missing)
+  return traverse_util.unflatten_dict({**fresh, **loaded})
 
 
 def aligned_forward(models: Models, experiment: Experiment, params: Dict[str, Any], images,

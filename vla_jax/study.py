@@ -206,8 +206,7 @@ def probe_all(config: Any, study: StudyConfig, workdir: str, weights: Mapping[st
   models = modeling.build_models(experiment)
   results = dict(cached)
   if "teacher" not in results or "pretrained" not in results:
-    params = modeling.init_params(models, experiment, jax.random.key(0))
-    params = modeling.load_checkpoints(params, models, experiment, weights)
+    params = modeling.create_params(models, experiment, weights, jax.random.key(0))
     features = probe_lib.teacher_features(models.teacher, params["teacher"], images,
                                           experiment.model.grid, experiment.align.grid_match)
     results["teacher"] = probe_lib.probe_features(features, labels, protocol, unseen)
@@ -244,9 +243,8 @@ def attention_grid(config: Any, study: StudyConfig, workdir: str, weights: Mappi
   path = os.path.join(workdir, "attention.png")
   experiment = experiment_lib.parse_config(config)
   models = modeling.build_models(experiment)
-  params = modeling.init_params(models, experiment, jax.random.key(0))
-  candidates = [("pretrained", models.student, modeling.load_checkpoints(
-      params, models, experiment, weights)["student"])]
+  candidates = [("pretrained", models.student, modeling.create_params(
+      models, experiment, weights, jax.random.key(0))["student"])]
   for name, run_dir in runs.items():
     run_params, run_experiment, _, _ = policy_lib.load_checkpoint(run_dir)
     candidates.append((name, VLA(run_experiment.model), run_params))

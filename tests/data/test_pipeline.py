@@ -143,9 +143,30 @@ def test_resuming_with_another_batch_size_continues_at_the_same_frame(tabletop_d
                                 np.concatenate([b["frame_index"] for b in reference[:2]]))
 
 
-def test_hosts_get_disjoint_episodes_and_split_batches(tabletop_dir, module_stats):
+def test_hosts_split_the_single_process_batches(tabletop_dir, module_stats):
+  """host_sharding="global": host 0's rows then host 1's are the one-process batch, and
+  a host resumed mid-stream continues with its rows of the next global batches."""
   config = _config([{"name": "tabletop", "data_dir": tabletop_dir}], module_stats,
                    val_fraction=0.0)
+  single = make_iterator(config, process_index=0, process_count=1)
+  reference = [next(single) for _ in range(3)]
+  hosts = [make_iterator(config, process_index=h, process_count=2) for h in range(2)]
+  for expected in reference:
+    rows = [next(host) for host in hosts]
+    assert rows[0]["action"].shape[0] == 4  # 8 global / 2 hosts
+    for key in ("frame_index", "episode_id", "action"):
+      np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), expected[key])
+    np.testing.assert_array_equal(
+        np.concatenate([r["observation"]["image_primary"] for r in rows]),
+        expected["observation"]["image_primary"])
+  after_two = {"seed": config.seed, "batches": 2, "host_frames": 8, "global_batch_size": 8}
+  resumed = make_iterator(config, state=after_two, process_index=1, process_count=2)
+  np.testing.assert_array_equal(next(resumed)["frame_index"], reference[2]["frame_index"][4:])
+
+
+def test_hosts_get_disjoint_episodes_and_split_batches(tabletop_dir, module_stats):
+  config = _config([{"name": "tabletop", "data_dir": tabletop_dir}], module_stats,
+                   val_fraction=0.0, host_sharding="episodes")
   seen = []
   for host in range(2):
     iterator = make_iterator(config, process_index=host, process_count=2)

@@ -82,3 +82,59 @@ def test_config_errors_before_compiling(small_data, tmp_path):
   config.data.sources[0]["data_dir"] = ""
   with pytest.raises(ConfigError, match="needs a data_dir"):
     loop.train(config, str(tmp_path))
+  with pytest.raises(ConfigError, match="checkpoint_params='sometimes'"):
+    loop.train(_config(small_data, 2, checkpoint_params="sometimes"), str(tmp_path))
+
+
+def _bytes(directory):
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(directory) for name in names)
+
+
+def test_lora_run_saves_its_factors_not_merged_weights(small_data, tmp_path):
+  """A LoRA run's checkpoints hold the factors and optimizer state; evaluation and export
+  rebuild the merged policy from them and the base checkpoint, which must not change."""
+  import jax
+  import numpy as np
+  from vla_jax import modeling
+  from vla_jax.errors import CheckpointError
+  from vla_jax.eval import policy as policy_lib
+  from vla_jax.experiment import parse_config
+  from vla_jax.train import checkpoint
+  from vla_jax.weights import convert as convert_lib
+
+  lora = {"lora.enabled": True, "lora.rank": 4, "train.trainable": "lora",
+          "train.learning_rate": 1e-2, "checkpoint_every": 2}
+  experiment = parse_config(_config(small_data, 2, **lora))
+  models = modeling.build_models(experiment)
+
+  def write_base(seed):  # the pretrained VLA a user fine-tunes, as a converted checkpoint
+    params = modeling.init_params(models, experiment, jax.random.key(seed))["student"]
+    return convert_lib.save_converted(str(tmp_path / "base"), params, experiment.model)
+
+  base = write_base(5)
+  lora.update({"weights.student": base, "weights.student_format": "orbax"})
+  loop.train(_config(small_data, 2, checkpoint_params="always", **lora), str(tmp_path / "merged"))
+  loop.train(_config(small_data, 2, **lora), str(tmp_path / "factors"))
+  assert os.path.isdir(tmp_path / "merged" / "checkpoints" / "2" / "params")
+  assert not os.path.exists(tmp_path / "factors" / "checkpoints" / "2" / "params")
+  assert (_bytes(tmp_path / "factors" / "checkpoints")
+          < 0.5 * _bytes(tmp_path / "merged" / "checkpoints"))
+
+  want, _, _, _ = policy_lib.load_checkpoint(str(tmp_path / "merged"))
+  got, got_experiment, stats, _ = policy_lib.load_checkpoint(str(tmp_path / "factors"))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert got_experiment.model == experiment.model and set(stats) == {"tabletop"}
+  exported = checkpoint.export_latest(str(tmp_path / "factors" / "checkpoints"),
+                                      str(tmp_path / "export"))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_policy_params(exported)[0], want)
+
+  # Another base under the same path: refused, not merged into a different model.
+  import shutil
+  shutil.rmtree(base)
+  write_base(6)
+  with pytest.raises(CheckpointError, match="other base weights"):
+    policy_lib.load_checkpoint(str(tmp_path / "factors"))
+  shutil.rmtree(base)
+  with pytest.raises(CheckpointError, match="base weights it was trained on"):
+    policy_lib.load_checkpoint(str(tmp_path / "factors"))

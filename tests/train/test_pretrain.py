@@ -73,7 +73,7 @@ def test_pretrained_files_load_as_teacher_and_student_towers(experiment, built):
   params = modeling.init_params(models, experiment, jax.random.key(1))
   weights = {"student": "", "teacher": paths["teacher"], "teacher_format": "big_vision",
              "student_vision": paths["student_vision"]}
-  loaded = modeling.load_checkpoints(params, models, experiment, weights)
+  loaded = modeling.create_params(models, experiment, weights, jax.random.key(1))
   vision = pretrain.load_student_vision(paths["student_vision"], experiment)
   for part in pretrain.STUDENT_VISION:
     jax.tree.map(np.testing.assert_array_equal, loaded["student"][part], vision[part])

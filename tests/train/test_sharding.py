@@ -32,6 +32,15 @@ def test_meshes_match_one_device(report, mesh):
   assert entry["param_diff"] < 1e-5
 
 
+def test_activations_are_constrained_to_the_batch_axes_only_under_a_mesh(report):
+  """Every transformer block of the student's towers, its LLM and the teacher pins its
+  output's batch axis on a mesh (forward and backward); without a mesh, nothing."""
+  assert report["activation_constraints_without_mesh"] == 0
+  blocks = 2 + 2 + 2  # the test experiment: student SigLIP, LLM and teacher of depth 2
+  for mesh in ("data", "fsdp", "fsdp_tensor"):
+    assert report["meshes"][mesh]["activation_constraints"] >= blocks, report["meshes"][mesh]
+
+
 def test_parameters_are_actually_sharded(report):
   meshes = report["meshes"]
   assert meshes["data"]["lm_head_spec"] == [None, None]
@@ -69,3 +78,29 @@ def test_partition_rules():
     sharding_lib.mesh_shape(sharding_lib.ShardingConfig(data=2, fsdp=2), 8)
   assert sharding_lib.mesh_shape(sharding_lib.ShardingConfig(data=2, fsdp=-1, tensor=2), 8) == (
       2, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def load_report():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  result = subprocess.run([sys.executable, "-m", "tests.train.sharded_load_script"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["checkpoints", "export", "random"])
+def test_init_and_loading_put_every_tensor_straight_onto_its_shard(load_report, case):
+  """create_params on an 8-device FSDP mesh: an Orbax student + big_vision teacher, an
+  export, or nothing (all random); each leaf on its sharding, no whole copy anywhere."""
+  entry = load_report[case]
+  assert entry["leaves"] > 100 and entry["split"] > 50, entry
+  assert entry["wrong_sharding"] == [] and entry["wrong_buffers"] == [], entry
+  assert entry["whole_on_one_device"] == [], entry
+  # Every device holds a fraction of the tree (replicated small leaves included).
+  assert entry["max_device_bytes"] < 0.25 * entry["total_bytes"], entry
+  diffs = [v for k, v in entry.items() if k.endswith("diff")]
+  assert diffs and max(diffs) == 0.0, entry
+  # The same check flags the unsharded init, which builds every tensor on one device.
+  assert load_report["control_whole_on_one_device"] > 50

@@ -90,9 +90,9 @@ def test_vlm_pretraining_learns_answers_and_its_file_loads(experiment, tokenizer
   trained = pretrain.load_student(paths["student"], experiment,
                                   pretrain.file_digest(bundled.bundled_tokenizer_path(cache)))
   models = modeling.build_models(experiment)
-  params = modeling.init_params(models, experiment, jax.random.key(0))
-  loaded = modeling.load_checkpoints(params, models, experiment,
-                                     {"student": paths["student"], "student_format": "bundled"})
+  loaded = modeling.create_params(models, experiment,
+                                  {"student": paths["student"], "student_format": "bundled"},
+                                  jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, loaded["student"], trained)
   other = get_config("tiny")
   other.model.llm.vocab_size = 896

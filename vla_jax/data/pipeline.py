@@ -4,9 +4,12 @@
 oxe.py) with their statistics (stats.py), normalises, filters and chunks them
 (traj_transforms.py), flattens them to frames, mixes the sources (mixture.py), shuffles
 undecoded frames, numbers each frame, decodes and preprocesses its images
-(augment.py, the same function serving uses) and batches per host. `make_iterator`
-wraps it in a `DataIterator` that adds OpenVLA prompt/action tokens (batching.py) and
-records its position: the order is a pure function of the seed, and each frame's
+(augment.py, the same function serving uses) and batches per host: by default every
+host reads the one global frame stream and keeps its rows of each global batch, so the
+hosts' batches together are exactly the batch of a single-process run
+(`host_sharding="global"`; "episodes" gives each host its own episodes instead, see
+DataConfig). `make_iterator` wraps it in a `DataIterator` that adds OpenVLA
+prompt/action tokens (batching.py) and records its position: the order is a pure function of the seed, and each frame's
 augmentation a pure function of the seed and the frame's number, so resuming at batch
 n (`state()` -> `make_iterator(config, state=...)`) skips n host batches of undecoded
 frames and then yields exactly what the uninterrupted run would have.
@@ -42,6 +45,7 @@ from vla_jax.typed_config import from_mapping, require, require_positive_ints
 tf.config.set_visible_devices([], "GPU")
 
 NORMALIZATION_MODES = ("bounds_q99", "normal")
+HOST_SHARDING_MODES = ("global", "episodes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,12 @@ class DataConfig:
     image_roles: cameras to emit, e.g. ("primary",) or ("primary", "wrist").
     augment: AugmentConfig (or mapping); train-time augmentation / eval centre crop.
     global_batch_size: frames per step over all hosts.
+    host_sharding: how hosts share the data. "global": every host reads the whole
+      stream in the order a single process would (same seed) and keeps its own
+      host_batch rows of each global batch, decoding only those: a run on N hosts sees
+      exactly the batches of a run on one, but each host reads (not decodes) every
+      frame. "episodes": each host reads a disjoint 1/N of the episodes (reading scales
+      with the hosts; the batches then depend on the number of hosts).
     shuffle_buffer: frame-level shuffle buffer (undecoded frames, see mixture.py).
     shuffle_ram_budget_mb: cap the shuffle buffer to this much host RAM (None = no cap).
     balance_weights: multiply source weights by their frame counts.
@@ -101,6 +111,7 @@ class DataConfig:
   image_roles: Tuple[str, ...] = ("primary",)
   augment: Any = augment_lib.AugmentConfig()
   global_batch_size: int = 8
+  host_sharding: str = "global"
   shuffle_buffer: int = 10_000
   shuffle_ram_budget_mb: Optional[float] = None
   balance_weights: bool = False
@@ -136,6 +147,8 @@ class DataConfig:
             f"data.proprio_dims must be distinct state indices >= 0, got {self.proprio_dims}.")
     require_positive_ints(self, ("image_size", "global_batch_size", "shuffle_buffer",
                                  "action_horizon", "window_size", "max_length"), "data")
+    require(self.host_sharding in HOST_SHARDING_MODES, f"data.host_sharding must be one of "
+            f"{HOST_SHARDING_MODES}, got {self.host_sharding!r}.")
     require(self.normalization in NORMALIZATION_MODES, f"data.normalization must be one of "
             f"{NORMALIZATION_MODES}, got {self.normalization!r}.")
     require(0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got "
@@ -259,7 +272,7 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
     process_index, process_count: this host and the number of hosts (default: jax's).
     start_frame: resume position in frames of this host (see DataIterator): the frame
       stream does not depend on the batch size, so a run resumed with another batch size
-      continues where it stopped.
+      continues where it stopped (on as many hosts as the saving run).
   Returns:
     (dataset of dict batches, {"statistics": {name: DatasetStatistics}, "weights": [D],
      "host_batch_size": int, "shuffle_buffer": int, "frame_bytes": float}).
@@ -267,10 +280,14 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   host_batch = mixture.host_batch_size(config.global_batch_size, process_count)
+  # "global": every host builds the single-process stream and filters it (below).
+  by_episodes = config.host_sharding == "episodes"
   sources = [open_source(config, s) for s in config.sources]
   state_dim = max(s.statistics.state.dim for s in sources)
-  frames = [_frames(config, s, i, state_dim, train=train, process_index=process_index,
-                    process_count=process_count) for i, s in enumerate(sources)]
+  frames = [_frames(config, s, i, state_dim, train=train,
+                    process_index=process_index if by_episodes else 0,
+                    process_count=process_count if by_episodes else 1)
+            for i, s in enumerate(sources)]
   weights = mixture.mixture_weights([s.source.weight for s in sources],
                                     [s.statistics.num_frames for s in sources],
                                     config.balance_weights)
@@ -287,7 +304,15 @@ def make_dataset(config: DataConfig, *, train: bool = True, process_index: Optio
     info["shuffle_buffer"] = mixture.shuffle_buffer_entries(
         config.shuffle_buffer, info["frame_bytes"], config.shuffle_ram_budget_mb)
     ds = ds.shuffle(info["shuffle_buffer"], seed=config.seed)
-  ds = ds.enumerate().skip(start_frame)
+  if by_episodes or process_count == 1:
+    ds = ds.enumerate().skip(start_frame)
+  else:
+    # Frame numbers (augmentation seeds) are those of the global stream; rows are counted
+    # from the resume point, so batch boundaries stay where the saving run had them.
+    skip = start_frame * process_count
+    ds = ds.enumerate().skip(skip).filter(
+        lambda number, _: (number - skip) % config.global_batch_size // host_batch
+        == process_index)
   ds = ds.map(_preprocess_frame(config, train), num_parallel_calls=config.num_parallel_calls,
               deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=train).prefetch(2)

@@ -108,8 +108,8 @@ def run_compare(entries: Sequence[str], out_dir: str) -> Dict[str, str]:
 def _teacher(config: Any, experiment) -> Tuple[Any, Any]:
   """The frozen teacher, rebuilt as training built it (same seed, same checkpoint)."""
   models = modeling.build_models(experiment)
-  params = modeling.init_params(models, experiment, jax.random.key(config.train.seed))
-  params = modeling.load_checkpoints(params, models, experiment, config.weights)
+  params = modeling.create_params(models, experiment, config.weights,
+                                  jax.random.key(config.train.seed))
   return models.teacher, params["teacher"]
 
 

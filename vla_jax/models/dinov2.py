@@ -41,6 +41,7 @@ import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import posemb_resample
+from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -235,7 +236,7 @@ class Block(nn.Module):
     y = FeedForward(config.hidden_dim, config.ffn, dtype, name="mlp")(y)
     if config.layer_scale:
       y = LayerScale(name="ls2")(y)
-    x = x + y
+    x = shard_batch_axis(x + y)
     return x, x
 
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from vla_jax.errors import CheckpointError, ConfigError, InputError
+from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.typed_config import from_mapping, require
 
 FAMILIES = ("llama", "gemma")
@@ -386,7 +387,7 @@ class Block(nn.Module):
                                                    cache_end)
     x = x + attended
     h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_ffw_norm")(x)
-    x = x + MLP(cfg, name="mlp")(h)
+    x = shard_batch_axis(x + MLP(cfg, name="mlp")(h))
     blocks_done = blocks_done + 1
     if captured is not None:
       window = jax.lax.slice_in_dim(x, self.capture_start,

@@ -23,6 +23,7 @@ import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import posemb_resample
+from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -185,7 +186,7 @@ class Encoder1DBlock(nn.Module):
     y = _layer_norm(cfg, "LayerNorm_0", x)
     x = x + MultiHeadAttention(cfg, name="MultiHeadDotProductAttention_0")(y, y)
     y = _layer_norm(cfg, "LayerNorm_1", x)
-    x = x + MlpBlock(cfg, name="MlpBlock_0")(y)
+    x = shard_batch_axis(x + MlpBlock(cfg, name="MlpBlock_0")(y))
     return x, x
 
 

@@ -1,11 +1,13 @@
 """Orbax checkpoints of a training run, and the exported inference checkpoint.
 
-A run's directory holds one folder per saved step with five Orbax items:
+A run's directory holds one folder per saved step with these Orbax items:
 
   train_state/    the TrainState (trainable params, LoRA factors, optimizer state, step, rng,
                   the moving average of the weights when train.ema_decay > 0)
   params/         the student's inference parameters (LoRA merged; the moving average when
-                  there is one), ready to serve
+                  there is one), ready to serve. Not written by LoRA runs (config
+                  `checkpoint_params`): their policy is rebuilt on load from the factors
+                  and the base weights recorded in assets["base"] (`base_record`)
   assets/         JSON: normalisation statistics, the experiment config, tokenizer reference
   data_iterator/  JSON: where the input pipeline is (e.g. {"examples_seen": ...})
   checksums/      JSON: a checksum of every array above (with its dtype and shape) and
@@ -49,6 +51,7 @@ from vla_jax.errors import CheckpointError, ConfigError, VlaJaxError
 from vla_jax.experiment import Experiment, parse_config
 from vla_jax.train import checksums as checksums_lib
 from vla_jax.train.state import TrainState
+from vla_jax.typed_config import from_mapping
 from vla_jax.weights import convert as convert_lib
 
 ITEMS = ("train_state", "params", "assets", "data_iterator", "checksums")
@@ -188,17 +191,18 @@ def check_resume_config(manager: ocp.CheckpointManager, experiment: Experiment,
       "--config.weights.student=EXPORT_DIR --config.weights.student_format=export.")
 
 
-def load_export_as_student(path: str, experiment: Experiment) -> Any:
-  """The student params of an export, to fine-tune from (weights.student_format="export");
-  ConfigError unless the export's model config equals this experiment's."""
-  params, exported, _, _ = load_policy_params(path)
+def load_export_as_student(path: str, experiment: Experiment, shardings: Any = None) -> Any:
+  """The student params of an export, to fine-tune from (weights.student_format="export"),
+  read onto `shardings` if given; ConfigError unless the export's model config equals
+  this experiment's (checked before any parameter is read)."""
+  exported = experiment_from_assets(read_export_assets(path))
   differences = config_differences({"model": dataclasses.asdict(exported.model)},
                                    {"model": dataclasses.asdict(experiment.model)}, ignore=())
   if differences:
     raise ConfigError(f"the export {path} was made for another student: "
                       f"{_summarize_differences(differences)}. Use its model config, e.g. the "
                       "preset it was trained with.")
-  return params
+  return load_policy_params(path, shardings)[0]
 
 
 def make_assets(experiment: Experiment, norm_stats: Mapping[str, NormStats], *,
@@ -418,7 +422,7 @@ def _abstract_storable(abstract_state: TrainState) -> Any:
       rng=jax.eval_shape(jax.random.key_data, abstract_state.rng)))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: Any,
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: Optional[Any],
          assets: Mapping[str, Any], data_iterator: Mapping[str, Any], *,
          force: bool = False) -> bool:
   """Saves one step (asynchronously if the manager is async); returns whether it saved.
@@ -428,10 +432,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: A
 
   Args:
     state: the train state.
-    params: inference params of the student (`state.student_params(...)`, LoRA merged).
+    params: inference params of the student (`state.student_params(...)`, LoRA merged),
+      or None: the step then holds the train state only, and `restore_inference` rebuilds
+      the policy from it and the base weights that `assets["base"]` (`base_record`)
+      names (a LoRA run at 7B saves its factors, not 14 GB of merged weights per step).
     assets: `make_assets(...)`; data_iterator: JSON-able position of the input pipeline.
   """
-  if not jax.tree.leaves(params):
+  if params is not None and not jax.tree.leaves(params):
     raise CheckpointError("save() got empty inference params; pass the student's full tree "
                           "(vla_jax.train.state.student_params(state, frozen_params, lora)).")
   # A diverged state must never replace good checkpoints (rotation would delete them).
@@ -442,15 +449,62 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: A
   storable = _to_storable(state)
   assets, data_iterator = _jsonable(dict(assets)), _jsonable(dict(data_iterator))
   # Written as one more item of the same step, so they commit (or not) with it.
-  checksums = checksums_lib.make_record({"train_state": storable, "params": params},
-                                       {"assets": assets, "data_iterator": data_iterator})
+  arrays = {"train_state": storable, **({"params": params} if params is not None else {})}
+  checksums = checksums_lib.make_record(arrays, {"assets": assets,
+                                                 "data_iterator": data_iterator})
   args = ocp.args.Composite(
-      train_state=ocp.args.StandardSave(storable),
-      params=ocp.args.StandardSave(params),
+      **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
       assets=ocp.args.JsonSave(assets),
       data_iterator=ocp.args.JsonSave(data_iterator),
       checksums=ocp.args.JsonSave(checksums))
   return manager.save(int(step), args=args, force=force)
+
+
+def base_record(weights: Any, seed: int, train_config: Any, frozen_student: Any
+                ) -> Dict[str, Any]:
+  """What rebuilds the frozen part of the student (assets["base"]): the weights config,
+  the init seed, the train config (the state's layout) and a checksum of the frozen
+  parameters, so that a changed base checkpoint is refused, never silently merged."""
+  weights = dict(weights.to_dict() if hasattr(weights, "to_dict") else weights)
+  return {"weights": weights, "seed": int(seed), "train": dataclasses.asdict(train_config),
+          "checksum": checksums_lib.json_checksum(checksums_lib.array_checksums(frozen_student))}
+
+
+def _rebuild_inference(manager: ocp.CheckpointManager, step: int, assets: Mapping[str, Any],
+                       experiment: Experiment, shardings: Any) -> Any:
+  """The merged student of a step saved without inference params: base weights (as
+  training built them) + the restored train state, merged as training would have."""
+  from vla_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  where = f"step {step} in {manager.directory}"
+  base = assets.get("base")
+  if not base:
+    raise CheckpointError(f"{where} holds neither inference params nor a record of its base "
+                          "weights; it cannot be turned into a policy.")
+  train_config = from_mapping(state_lib.TrainConfig, base["train"], "train")
+  models = modeling.build_models(experiment)
+  shown = {k: v for k, v in base["weights"].items() if v}
+  try:
+    params = modeling.create_params(models, experiment, base["weights"],
+                                    jax.random.key(base["seed"]))
+  except (VlaJaxError, OSError, ValueError) as e:
+    raise CheckpointError(
+        f"{where} holds the trained factors, not merged weights (a LoRA run); its policy is "
+        f"rebuilt from the base weights it was trained on ({shown or 'random init'}), and "
+        f"reading them failed: {e}. Make them available at that path again, or export the "
+        "run (--mode=export) on a machine that has them.") from None
+  _, frozen = state_lib.split_params(params["student"],
+                                     state_lib.trainable_mask(params["student"], train_config))
+  if checksums_lib.json_checksum(checksums_lib.array_checksums(frozen)) != base["checksum"]:
+    raise CheckpointError(
+        f"{where} was trained on other base weights than the ones at {shown or 'random init'} "
+        "now (their checksum differs): merging its factors into them would give another "
+        "model. Point weights at the original base checkpoint and export from there.")
+  abstract = jax.eval_shape(
+      lambda p: state_lib.create_train_state(experiment, train_config, p,
+                                             jax.random.key(0))[0], params)
+  state, _, _ = restore(manager, abstract, None, step)
+  merged = state_lib.student_params(state, {"student": frozen}, experiment.lora)
+  return merged if shardings is None else jax.device_put(merged, shardings)
 
 
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -526,6 +580,8 @@ def restore_inference(manager: ocp.CheckpointManager, step: Optional[int] = None
   def load(s: int) -> Tuple[Any, Experiment, Dict[str, Any]]:
     assets = _restore_step(manager, s, {}, ("assets",))["assets"]
     experiment = experiment_from_assets(assets)
+    if not (epath.Path(manager.directory) / str(s) / "params").exists():
+      return _rebuild_inference(manager, s, assets, experiment, shardings), experiment, assets
     abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)
     params = restore_params(manager, abstract["student"], shardings, step=s)
     return params, experiment, assets
@@ -569,6 +625,26 @@ def export(path: str, params: Any, experiment: Experiment, norm_stats: Mapping[s
   return convert_lib.write_params(path, params, {"assets": assets, "checksums": checksums})
 
 
+def _export_dir(path: str) -> str:
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(os.path.join(path, "params")) or not os.path.isdir(
+      os.path.join(path, "assets")):
+    raise CheckpointError(f"{path} is not an exported policy (needs params/ and assets/); "
+                          "write one with vla_jax.train.checkpoint.export (--mode=export).")
+  return path
+
+
+def read_export_assets(path: str) -> Dict[str, Any]:
+  """The assets (config, norm stats, tokenizer, ...) of an export, verified; no params read."""
+  path = _export_dir(path)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    read = lambda args: checkpointer.restore(path, args)
+    try:
+      return _restore_checked(read, path, None, {}, ("assets",))["assets"]
+    except CorruptCheckpointError as e:
+      raise CheckpointError(f"{e}. Export it again from its run (--mode=export).") from None
+
+
 def load_policy_params(path: str, shardings: Any = None
                        ) -> Tuple[Any, Experiment, Dict[str, NormStats], Dict[str, Any]]:
   """Reads an `export`ed checkpoint.
@@ -579,22 +655,17 @@ def load_policy_params(path: str, shardings: Any = None
   Returns:
     (params, experiment (lora=None: merged), norm stats by name, raw assets).
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(os.path.join(path, "params")) or not os.path.isdir(
-      os.path.join(path, "assets")):
-    raise CheckpointError(f"{path} is not an exported policy (needs params/ and assets/); "
-                          "write one with vla_jax.train.checkpoint.export (--mode=export).")
+  path = _export_dir(path)
+  assets = read_export_assets(path)
+  experiment = experiment_from_assets(assets)
+  abstract = modeling.abstract_params(modeling.build_models(experiment), experiment)["student"]
+  if assets.get("dtype") not in (None, "as_trained"):
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, assets["dtype"])
+        if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     read = lambda args: checkpointer.restore(path, args)
     try:
-      assets = _restore_checked(read, path, None, {}, ("assets",))["assets"]
-      experiment = experiment_from_assets(assets)
-      abstract = modeling.abstract_params(modeling.build_models(experiment),
-                                          experiment)["student"]
-      if assets.get("dtype") not in (None, "as_trained"):
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, assets["dtype"])
-            if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
       params = _restore_checked(read, path, None,
                                 {"params": _with_shardings(abstract, shardings)})["params"]
     except CorruptCheckpointError as e:

@@ -243,6 +243,21 @@ def disk_full_error(workdir: str, step: int, manager) -> CheckpointError:
                          f"was writing (checkpoint or metrics) at step {step}: {resume}.")
 
 
+CHECKPOINT_PARAMS = ("auto", "always", "never")
+
+
+def checkpoint_params(config: Any, experiment: Experiment) -> bool:
+  """Whether each checkpoint also holds the merged inference params (`checkpoint_params`:
+  "auto" = all but LoRA runs, whose merged weights would be a second full copy of the
+  model per step; they are rebuilt from the factors and base weights on load)."""
+  value = config.get("checkpoint_params", "auto")
+  if value not in CHECKPOINT_PARAMS:
+    raise ConfigError(f"config.checkpoint_params={value!r}: choose one of "
+                      f"{', '.join(CHECKPOINT_PARAMS)} (auto: every run but LoRA runs saves "
+                      "the merged inference params with each checkpoint).")
+  return value == "always" or (value == "auto" and experiment.lora is None)
+
+
 def check_intervals(config: Any) -> None:
   """log_every / checkpoint_every >= 1, eval_every >= 0 (0 = off), eval_batches >= 1."""
   for key, low, meaning in (("log_every", 1, "log every N steps"),
@@ -277,6 +292,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
   ckpt_lib.check_retention(config.keep_checkpoints, config.keep_period)
   check_intervals(config)
+  checkpoint_params(config, experiment)  # a bad value fails before anything compiles
   sharding_config = from_mapping(sharding_lib.ShardingConfig, config.sharding, "sharding")
   experiment = state_lib.apply_train_overrides(experiment, train_config)
   state_lib.check_compatible(experiment, train_config)
@@ -293,13 +309,17 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   action_tokenizer = ActionTokenizer(vocab_size=tokenizer.vocab_size)
 
   # (3) Models and a sharded train state.
+  # Checkpoint tensors are read straight onto their shards and only the rest is
+  # initialised; the state is then built from those (donated) shards.
   models = modeling.build_models(experiment)
-  params = modeling.init_params(models, experiment, jax.random.key(train_config.seed))
-  params = modeling.load_checkpoints(params, models, experiment, config.weights)
+  params = modeling.create_params(
+      models, experiment, config.weights, jax.random.key(train_config.seed),
+      sharding_lib.tree_shardings(modeling.abstract_params(models, experiment), mesh,
+                                  sharding_config))
   (state, frozen), (state_sharding, frozen_sharding) = sharding_lib.sharded_init(
       lambda p: state_lib.create_train_state(experiment, train_config, p,
                                              jax.random.key(train_config.seed + 1)),
-      mesh, sharding_config, params)
+      mesh, sharding_config, params, donate=True)
   del params
 
   # (4) Resume.
@@ -322,8 +342,13 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                                        "state_stats": state_stats,
                                        "train_layout": ckpt_lib.train_layout(train_config),
                                        "preset": config.get("preset", "")})
-  with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
-    json.dump(assets["norm_stats"], f, indent=1)
+  with_params = checkpoint_params(config, experiment)
+  if not with_params:  # what rebuilds the policy from the saved factors
+    assets["base"] = ckpt_lib.base_record(config.weights, train_config.seed, train_config,
+                                          frozen["student"])
+  if jax.process_index() == 0:  # one writer per file on a shared multi-host workdir
+    with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
+      json.dump(assets["norm_stats"], f, indent=1)
 
   # (5) The jitted, sharded steps.
   train_step = sharding_lib.jit_train_step(
@@ -334,9 +359,9 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
       mesh, state_sharding, frozen_sharding)
 
   def save(step_number: int, force: bool = False) -> None:
-    ckpt_lib.save(manager, step_number, state,
-                  state_lib.student_params(state, frozen, experiment.lora), assets,
-                  iterator.state(), force=force)
+    params = (state_lib.student_params(state, frozen, experiment.lora) if with_params
+              else None)
+    ckpt_lib.save(manager, step_number, state, params, assets, iterator.state(), force=force)
 
   val_config = dataclasses.replace(data_config, sources=tuple(
       dataclasses.replace(s, split="val") for s in data_config.sources))
@@ -417,15 +442,18 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
         f"checkpoint step {saved} is saved in {directory}. Run the same command with "
         f"--workdir={os.path.abspath(workdir)} to resume from it.")
 
-  # (7) Summary and plots.
+  # (7) Summary and plots (written by process 0, which alone has the metrics file).
+  writes = jax.process_index() == 0
   summary = {
       "steps": train_config.num_steps, "resumed_from": start, "workdir": os.path.abspath(workdir),
       "final_metrics": last, "checkpoint_steps": list(manager.all_steps()),
       "median_step_s": statistics.median([t for _, t in step_times[1:]] or
                                          [t for _, t in step_times] or [float("nan")]),
-      "loss_curves": plot_curves(writer.path, os.path.join(workdir, "loss_curves.png")),
+      "loss_curves": (plot_curves(writer.path, os.path.join(workdir, "loss_curves.png"))
+                      if writes else None),
   }
   manager.close()
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if writes:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary

@@ -13,8 +13,10 @@ function shards the student, the teacher, the LoRA factors and the optimizer sta
 """
 
 import dataclasses
+import functools
 import logging
 import math
+import os
 import re
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -24,10 +26,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import lora as lora_lib
+from vla_jax.models.constraints import BATCH_AXES  # the batch axes, shared with the models
 from vla_jax.typed_config import require
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # (path regex, axis split over `tensor`), first match wins; negative axes so that a
 # leading scan axis of stacked layers does not shift them. Column-parallel kernels
@@ -162,15 +164,19 @@ def tree_shardings(tree: Any, mesh: Mesh, config: ShardingConfig) -> Any:
 
 
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, config: ShardingConfig,
-                 *args: Any) -> Tuple[Any, Any]:
+                 *args: Any, donate: bool = False) -> Tuple[Any, Any]:
   """Runs `init_fn(*args)` jitted so that every output is created already sharded.
 
+  Args:
+    donate: donate `args` (e.g. the loaded params a train state is built from), so
+      their buffers can become the outputs' instead of coexisting with a copy.
   Returns:
     (outputs, their shardings); outputs are never gathered on a single device.
   """
   abstract = jax.eval_shape(init_fn, *args)
   shardings = tree_shardings(abstract, mesh, config)
-  return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+  donate_argnums = tuple(range(len(args))) if donate else ()
+  return jax.jit(init_fn, out_shardings=shardings, donate_argnums=donate_argnums)(*args), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -216,22 +222,84 @@ def shard_batch(batch: Dict[str, Any], mesh: Mesh) -> Dict[str, jax.Array]:
           for k, v in batch.items()}
 
 
+# What `initialize_distributed` reads to start processes by hand (localhost, a cluster
+# without a scheduler JAX detects). JAX itself reads only the coordinator address; the
+# count and the id otherwise come from SLURM / Open MPI / TPU metadata.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_settings(environ: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+  """The `jax.distributed.initialize` arguments given in the environment ({} if none).
+
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID come together and need JAX_COORDINATOR_ADDRESS
+  (host:port of process 0); without them the cluster is auto-detected, and a lone
+  JAX_COORDINATOR_ADDRESS is left to JAX (it combines it with what it detects).
+  """
+  environ = os.environ if environ is None else environ
+  given = {name: environ[name] for name in DISTRIBUTED_ENV if environ.get(name, "") != ""}
+  if not ({"JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} & set(given)):
+    return {}
+  missing = [name for name in DISTRIBUTED_ENV if name not in given]
+  if missing:
+    raise ConfigError(
+        f"multi-process settings are half given: {', '.join(f'{k}={v}' for k, v in given.items())}"
+        f" but {', '.join(missing)} unset. Set all of {', '.join(DISTRIBUTED_ENV)} (e.g. "
+        "JAX_COORDINATOR_ADDRESS=localhost:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 on the "
+        "first process), or none of them to let JAX detect the cluster (SLURM, TPU pods).")
+  try:
+    count, index = int(given["JAX_NUM_PROCESSES"]), int(given["JAX_PROCESS_ID"])
+  except ValueError:
+    raise ConfigError(f"JAX_NUM_PROCESSES={given['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                      f"{given['JAX_PROCESS_ID']!r} must be integers.") from None
+  if not (count >= 1 and 0 <= index < count):
+    raise ConfigError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count}).")
+  if ":" not in given["JAX_COORDINATOR_ADDRESS"]:
+    raise ConfigError(f"JAX_COORDINATOR_ADDRESS={given['JAX_COORDINATOR_ADDRESS']!r} must be "
+                      "host:port (the address process 0 listens on), e.g. localhost:1234.")
+  return {"coordinator_address": given["JAX_COORDINATOR_ADDRESS"], "num_processes": count,
+          "process_id": index}
+
+
 def initialize_distributed(enabled: bool) -> None:
-  """`jax.distributed.initialize()` (cluster settings from the environment) when enabled."""
-  if enabled:
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+  """`jax.distributed.initialize` when enabled, before any other JAX call.
+
+  The settings come from `distributed_settings()` (JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID) or, when those are unset, from the cluster JAX
+  detects. Not enabled, but JAX_NUM_PROCESSES / JAX_PROCESS_ID set: ConfigError, since
+  each process would otherwise train alone and fight over the workdir.
+  """
+  settings = distributed_settings()
+  if not enabled:
+    if settings:
+      raise ConfigError("JAX_NUM_PROCESSES / JAX_PROCESS_ID are set but config.distributed is "
+                        "False; pass --config.distributed=True (or unset them for a "
+                        "single-process run).")
+    return
+  jax.distributed.initialize(**settings)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def traced_under(mesh: Mesh, fn: Callable) -> Callable:
+  """`fn` traced with `mesh` as the current (abstract) mesh, which turns on the models'
+  activation sharding constraints; called outside a trace it behaves the same."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: Any,
                    frozen_shardings: Any) -> Callable:
   """`train_step` jitted with in/out shardings on `mesh`; the input state is donated.
 
-  The batch is split over ("data", "fsdp"), metrics come back replicated.
+  The batch is split over ("data", "fsdp"), metrics come back replicated; the models are
+  traced under the mesh, so their block boundaries keep the batch split there too
+  (`models.constraints.shard_batch_axis`).
   """
-  return jax.jit(train_step,
+  return jax.jit(traced_under(mesh, train_step),
                  in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)),
                  donate_argnums=(0,))
@@ -240,6 +308,6 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: Any,
 def jit_eval_step(eval_step: Callable, mesh: Mesh, state_shardings: Any,
                   frozen_shardings: Any) -> Callable:
   """`eval_step` jitted like `jit_train_step`, without donation."""
-  return jax.jit(eval_step,
+  return jax.jit(traced_under(mesh, eval_step),
                  in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
                  out_shardings=replicated(mesh))
