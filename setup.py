@@ -41,6 +41,9 @@ setup(
             "transformers>=4.46",
             "timm>=1.0.9",
             "safetensors>=0.4",
+            # benchmarks/step_vs_torch.py's PyTorch reference step (LoRA as OpenVLA applies
+            # it); tests/test_benchmarks.py runs it in --smoke mode.
+            "peft>=0.21,<0.22",
             # The policy server's tests (tests/serve): its dependencies and the OpenVLA
             # REST client. openpi-client pins numpy<2; the tests install it in a venv.
             "aiohttp>=3.9,<4",

@@ -79,6 +79,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       learning_rate=1e-3 if tiny else 5e-4, warmup_steps=100 if tiny else 0,
       schedule="warmup_cosine" if tiny else "constant",
       num_steps=3_000 if tiny else 60_000))
+  if preset == "openvla_7b":
+    # Rematerialised blocks (LLM and both towers): without them the step needs 18.5 GiB
+    # per device on 8-way FSDP, with them 12.1 GiB, inside a 16 GB TPU v5e chip
+    # (benchmarks/memory.py). On larger devices, turn it off for ~30 % less compute:
+    # --config.train.remat_policy=none --config.model.siglip.remat=False ...dino.remat=False
+    config.train.remat_policy = "nothing_saveable"
+    config.model.siglip.remat = True
+    config.model.dino.remat = True
   config.sharding = dataclasses.asdict(sharding_lib.ShardingConfig())
   config.distributed = False  # True: jax.distributed.initialize() (multi-host)
   # Input pipeline (vla_jax.data.pipeline.DataConfig; batch size, image size, tokenizer
