@@ -75,10 +75,13 @@ def init_params(models: Models, experiment: Experiment, rng, shardings: Any = No
   only = tuple(only)
   if not only:
     return {}
-  flat_shardings = (None if shardings is None else
-                    {path: traverse_util.flatten_dict(shardings)[path] for path in only})
-  pick = lambda r: {path: traverse_util.flatten_dict(_init_all(models, experiment, r))[path]
-                    for path in only}
+  flat_shardings = None
+  if shardings is not None:
+    all_shardings = traverse_util.flatten_dict(shardings)
+    flat_shardings = {path: all_shardings[path] for path in only}
+  def pick(r):
+    flat = traverse_util.flatten_dict(_init_all(models, experiment, r))  # traced once
+    return {path: flat[path] for path in only}
   return jax.jit(pick, out_shardings=flat_shardings)(rng)
 
 
