@@ -15,14 +15,19 @@ from vla_jax.train import sharding as sharding_lib
 pytestmark = pytest.mark.slow  # end-to-end / multi-process
 
 
-@pytest.fixture(scope="module")
-def report():
+def run_on_8_devices(module, timeout):
+  """The JSON report that `python -m module` prints, run with 8 fake CPU devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  result = subprocess.run([sys.executable, "-m", "tests.train.multidevice_script"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-4000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report():
+  return run_on_8_devices("tests.train.multidevice_script", 300)
 
 
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "fsdp_tensor"])
@@ -82,12 +87,7 @@ def test_partition_rules():
 
 @pytest.fixture(scope="module")
 def load_report():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  result = subprocess.run([sys.executable, "-m", "tests.train.sharded_load_script"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return run_on_8_devices("tests.train.sharded_load_script", 600)
 
 
 @pytest.mark.parametrize("case", ["checkpoints", "export", "random"])
