@@ -11,7 +11,7 @@ images under `stop_gradient`, the frozen projector, and `loss/align` with its me
 
 import dataclasses
 import logging
-from typing import Any, Collection, Dict, Optional, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -180,8 +180,11 @@ def read_checkpoints(models: Models, experiment: Experiment, weights: Any,
   return loaded
 
 
+PARTS = ("student", "teacher", "projector")
+
+
 def create_params(models: Models, experiment: Experiment, weights: Any, rng,
-                  shardings: Any = None) -> Dict[str, Any]:
+                  shardings: Any = None, parts: Sequence[str] = PARTS) -> Dict[str, Any]:
   """All parameters of an experiment: checkpoint tensors where `weights` names a
   checkpoint (`read_checkpoints`), a random init (`init_params`, the same values as a
   full init with `rng`) for every leaf none provides (the projector, the LoRA-free rest).
@@ -189,9 +192,21 @@ def create_params(models: Models, experiment: Experiment, weights: Any, rng,
   With `shardings` (e.g. `sharding.tree_shardings(abstract_params(...), mesh, config)`)
   no step holds the whole tree on one device or in host memory: checkpoint tensors are
   read one at a time onto their shards and the random leaves are created under
-  `jax.jit(out_shardings=...)`, computing only those leaves.
+  `jax.jit(out_shardings=...)`, computing only those leaves. `parts` limits the result
+  to some of "student", "teacher", "projector": the others' checkpoints are not read
+  and their leaves not initialised (e.g. rebuilding a student needs no teacher).
   """
-  abstract = traverse_util.flatten_dict(abstract_params(models, experiment))
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown:
+    raise ValueError(f"create_params: unknown parts {unknown}; choose from {PARTS}.")
+  weights = dict(weights.to_dict() if hasattr(weights, "to_dict") else weights)
+  if "student" not in parts:
+    weights.update(student="", student_vision="")
+  if "teacher" not in parts:
+    weights["teacher"] = ""
+  abstract = {path: leaf for path, leaf in
+              traverse_util.flatten_dict(abstract_params(models, experiment)).items()
+              if path[0] in parts}
   loaded = traverse_util.flatten_dict(read_checkpoints(models, experiment, weights, shardings))
   for path, value in loaded.items():
     expected = abstract.get(path)

@@ -244,7 +244,7 @@ def attention_grid(config: Any, study: StudyConfig, workdir: str, weights: Mappi
   experiment = experiment_lib.parse_config(config)
   models = modeling.build_models(experiment)
   candidates = [("pretrained", models.student, modeling.create_params(
-      models, experiment, weights, jax.random.key(0))["student"])]
+      models, experiment, weights, jax.random.key(0), parts=("student",))["student"])]
   for name, run_dir in runs.items():
     run_params, run_experiment, _, _ = policy_lib.load_checkpoint(run_dir)
     candidates.append((name, VLA(run_experiment.model), run_params))

@@ -109,7 +109,7 @@ def _teacher(config: Any, experiment) -> Tuple[Any, Any]:
   """The frozen teacher, rebuilt as training built it (same seed, same checkpoint)."""
   models = modeling.build_models(experiment)
   params = modeling.create_params(models, experiment, config.weights,
-                                  jax.random.key(config.train.seed))
+                                  jax.random.key(config.train.seed), parts=("teacher",))
   return models.teacher, params["teacher"]
 
 

@@ -485,7 +485,7 @@ def _rebuild_inference(manager: ocp.CheckpointManager, step: int, assets: Mappin
   shown = {k: v for k, v in base["weights"].items() if v}
   try:
     params = modeling.create_params(models, experiment, base["weights"],
-                                    jax.random.key(base["seed"]))
+                                    jax.random.key(base["seed"]), parts=("student",))
   except (VlaJaxError, OSError, ValueError) as e:
     raise CheckpointError(
         f"{where} holds the trained factors, not merged weights (a LoRA run); its policy is "
@@ -499,9 +499,10 @@ def _rebuild_inference(manager: ocp.CheckpointManager, step: int, assets: Mappin
         f"{where} was trained on other base weights than the ones at {shown or 'random init'} "
         "now (their checksum differs): merging its factors into them would give another "
         "model. Point weights at the original base checkpoint and export from there.")
-  abstract = jax.eval_shape(
+  abstract = jax.eval_shape(  # the state's shapes; no teacher or projector is built
       lambda p: state_lib.create_train_state(experiment, train_config, p,
-                                             jax.random.key(0))[0], params)
+                                             jax.random.key(0))[0],
+      modeling.abstract_params(models, experiment))
   state, _, _ = restore(manager, abstract, None, step)
   merged = state_lib.student_params(state, {"student": frozen}, experiment.lora)
   return merged if shardings is None else jax.device_put(merged, shardings)

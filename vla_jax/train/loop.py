@@ -292,7 +292,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
   ckpt_lib.check_retention(config.keep_checkpoints, config.keep_period)
   check_intervals(config)
-  checkpoint_params(config, experiment)  # a bad value fails before anything compiles
+  with_params = checkpoint_params(config, experiment)  # bad values fail before compiling
   sharding_config = from_mapping(sharding_lib.ShardingConfig, config.sharding, "sharding")
   experiment = state_lib.apply_train_overrides(experiment, train_config)
   state_lib.check_compatible(experiment, train_config)
@@ -342,7 +342,6 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                                        "state_stats": state_stats,
                                        "train_layout": ckpt_lib.train_layout(train_config),
                                        "preset": config.get("preset", "")})
-  with_params = checkpoint_params(config, experiment)
   if not with_params:  # what rebuilds the policy from the saved factors
     assets["base"] = ckpt_lib.base_record(config.weights, train_config.seed, train_config,
                                           frozen["student"])
