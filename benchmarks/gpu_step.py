@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from vla_jax import modeling  # noqa: E402
 from vla_jax.actions import ActionTokenizer  # noqa: E402
 from vla_jax.experiment import load_config, parse_config  # noqa: E402
+from vla_jax.models import teachers  # noqa: E402
 from vla_jax.train import sharding as sharding_lib  # noqa: E402
 from vla_jax.train import state as state_lib  # noqa: E402
 from vla_jax.train import step as step_lib  # noqa: E402
@@ -86,8 +87,8 @@ def build_config(args):
     config.train.batch_size = args.batch
   config.model.llm.depth = args.llm_depth
   config.align.align_layer = args.llm_depth // 2
-  towers = [t for t in (config.model.siglip, config.model.dino, config.teacher.vit,
-                        config.teacher.dino) if t is not None]
+  teacher = config.teacher[teachers.family(config.teacher.kind).key]  # the one that runs
+  towers = [t for t in (config.model.siglip, config.model.dino, teacher) if t is not None]
   config.model.llm.scan = args.scan
   for tower in towers:
     tower.scan = args.scan

@@ -49,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from vla_jax import modeling  # noqa: E402
 from vla_jax.actions import ActionTokenizer  # noqa: E402
 from vla_jax.experiment import load_config, parse_config  # noqa: E402
+from vla_jax.models import teachers  # noqa: E402
 from vla_jax.train import sharding as sharding_lib  # noqa: E402
 from vla_jax.train import state as state_lib  # noqa: E402
 from vla_jax.train import step as step_lib  # noqa: E402
@@ -86,7 +87,8 @@ def variant_config(preset: str, variant: dict, scan: bool, batch_size: int):
   config.train.remat_policy = "nothing_saveable" if variant["remat"] else "none"
   if batch_size:
     config.train.batch_size = batch_size
-  towers = [config.model.siglip, config.model.dino, config.teacher.vit, config.teacher.dino]
+  teacher = config.teacher[teachers.family(config.teacher.kind).key]  # the one that runs
+  towers = [config.model.siglip, config.model.dino, teacher]
   towers = [t for t in towers if t is not None]
   config.model.llm.scan = scan
   for tower in towers:

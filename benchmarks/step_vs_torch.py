@@ -109,8 +109,8 @@ def experiment_config(s, lora: bool, align_coeff: float = ALIGN_COEFF):
   config = load_config(path, "tiny").to_dict()
   student = student_config(s)
   config["model"] = dataclasses.asdict(student)
-  config["teacher"] = dataclasses.asdict(
-      teacher_lib.TeacherConfig(kind="siglip", vit=teacher_vit_config(s)))
+  config["teacher"] = teacher_lib.TeacherConfig(kind="siglip",
+                                                tower=teacher_vit_config(s)).to_mapping()
   config["align"].update(align_layer=student.llm.depth // 2, align_coeff=align_coeff)
   # OpenVLA's finetune.py: lora_alpha = min(rank, 16), dropout 0, gaussian init.
   config["lora"].update(enabled=lora, rank=s["lora_rank"], alpha=float(min(s["lora_rank"], 16)),

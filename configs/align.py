@@ -8,6 +8,17 @@ Usage: `python -m vla_jax.main --config=configs/align.py[:PRESET]` with PRESET o
   paligemma_3b  PaliGemma-3B student, SigLIP So400m/14 teacher, align layer 9 of 18
 Any key can be overridden: `--config.align.align_coeff=0` gives plain SFT,
 `--config.teacher.layer=20`, `--config.model.llm.scan=True`, ...
+
+The teacher: `teacher.kind` picks a registered family (vla_jax/models/teachers/) and
+only its sub-config is read: `siglip` -> `teacher.vit`, `dinov2` -> `teacher.dino`,
+`radio` -> `teacher.radio`, `dinov3` -> `teacher.dinov3`. Every family's sub-config is
+here, sized for the student's grid (the tiny presets' tiny towers, else SigLIP
+So400m/14, DINOv2 L/14, C-RADIOv3-L, DINOv3 ViT-L/16),
+so `--config.teacher.kind=radio` switches teacher. The paper found C-RADIOv3 the best
+teacher: its best setup is
+  --config=configs/align.py:openvla_7b --config.teacher.kind=radio \
+  --config.weights.teacher=/path/to/c-radio_v3-l --config.weights.teacher_format=hf
+(a transformers RadioModel save_pretrained directory). The presets keep SigLIP So400m/14.
 """
 
 import dataclasses
@@ -18,6 +29,7 @@ from vla_jax.eval import config as eval_config
 from vla_jax.models import align as align_lib
 from vla_jax.models import lora as lora_lib
 from vla_jax.models import teacher as teacher_lib
+from vla_jax.models import teachers
 from vla_jax.models import vla as vla_lib
 from vla_jax.train import sharding as sharding_lib
 from vla_jax.train import state as state_lib
@@ -45,7 +57,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.preset = preset
   config.seed = 0
   config.model = dataclasses.asdict(student)
-  config.teacher = dataclasses.asdict(teacher)
+  # The preset's teacher, plus every other family's sub-config for --config.teacher.kind.
+  config.teacher = teacher.to_mapping()
+  for family in teachers.FAMILIES.values():
+    if family.key not in config.teacher:
+      preset = family.tiny_preset if tiny else family.default_preset
+      config.teacher[family.key] = dataclasses.asdict(
+          teacher_lib.teacher_config(preset, student_grid=student.grid).tower)
   config.align = dataclasses.asdict(align_lib.AlignConfig(
       align_layer=student.llm.depth // 2, align_coeff=0.2,
       projector_width=256 if tiny else 2048))

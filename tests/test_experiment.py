@@ -1,5 +1,6 @@
 """configs/align.py presets parse into typed configs; bad keys fail by name."""
 
+import dataclasses
 import os
 
 import pytest
@@ -85,3 +86,46 @@ def test_config_data_lists_every_plain_data_setting_with_the_pipelines_default()
     assert value == default, field.name
   assert dataclasses.asdict(augment.AugmentConfig(**data.augment.to_dict())) == \
       dataclasses.asdict(augment.AugmentConfig())
+
+
+@pytest.mark.parametrize("preset,width,size", [("tiny", 32, 64), ("openvla_7b", 1024, 256)])
+def test_teacher_kind_switches_family_with_one_override(preset, width, size):
+  config = _config(preset)
+  config.teacher.kind = "radio"  # --config.teacher.kind=radio
+  experiment = parse_config(config)
+  tower = experiment.teacher.tower
+  assert type(tower).__name__ == "RadioConfig" and tower.patch_size * experiment.model.grid == size
+  assert tower.width == width  # openvla_7b: C-RADIOv3-L, the reference code's default
+  assert experiment.teacher.vit is None and experiment.teacher.width == width
+
+
+@pytest.mark.parametrize("kind,key", [("siglip", "vit"), ("dinov2", "dino"), ("radio", "radio"),
+                                      ("dinov3", "dinov3")])
+def test_teacher_errors_name_the_full_path(kind, key):
+  config = _config("tiny")
+  config.teacher.kind = kind
+  config.teacher[key].width = 30  # not divisible by the heads
+  with pytest.raises(ConfigError, match=rf"teacher\.{key}\.width \(30\)"):
+    parse_config(config)
+  config = _config("tiny")
+  config.teacher.kind = kind
+  config.teacher[key].unlock()
+  config.teacher[key]["widht"] = 3
+  with pytest.raises(ConfigError, match=rf"'teacher\.{key}\.widht' \(did you mean "
+                                        rf"'teacher\.{key}\.width'"):
+    parse_config(config)
+
+
+def test_teacher_layout_round_trips_and_reads_older_checkpoints():
+  from vla_jax.experiment import parse_teacher  # pylint: disable=g-import-not-at-top
+  from vla_jax.models.teacher import teacher_config  # pylint: disable=g-import-not-at-top
+  for name in ("tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3"):
+    teacher = teacher_config(name, student_grid=4)
+    assert parse_teacher(teacher.to_mapping()) == teacher
+  old = {"kind": "siglip", "vit": dataclasses.asdict(teacher_config("tiny_siglip").tower),
+         "dino": None, "layer": None}  # what checkpoints recorded before the registry
+  assert parse_teacher(old) == teacher_config("tiny_siglip")
+  with pytest.raises(ConfigError, match=r"teacher.kind='clip'; expected one of"):
+    parse_teacher({**old, "kind": "clip"})
+  with pytest.raises(ConfigError, match=r"teacher.kind='radio' needs teacher.radio"):
+    parse_teacher({**old, "kind": "radio"})

@@ -14,10 +14,9 @@ from typing import Any, Mapping, Optional
 
 from vla_jax.errors import ConfigError
 from vla_jax.models import align as align_lib
-from vla_jax.models import dinov2 as dinov2_lib
 from vla_jax.models import lora as lora_lib
 from vla_jax.models import teacher as teacher_lib
-from vla_jax.models import vit as vit_lib
+from vla_jax.models import teachers
 from vla_jax.models import vla as vla_lib
 from vla_jax.typed_config import from_mapping, require
 
@@ -44,19 +43,27 @@ def _as_dict(mapping: Any) -> dict:
 
 
 def parse_teacher(mapping: Mapping[str, Any]) -> teacher_lib.TeacherConfig:
-  """{kind, vit: {...} | None, dino: {...} | None, layer} -> TeacherConfig."""
+  """{kind, layer, <family key>: {...}, ...} -> TeacherConfig.
+
+  Each registered family's sub-config may be present (`teacher.vit`, `teacher.dino`,
+  `teacher.radio`, `teacher.dinov3`: configs/align.py carries all of them so that
+  `--config.teacher.kind` can switch); only the one of `kind` is read, and its errors
+  name `teacher.<key>.<field>`.
+  """
   mapping = _as_dict(mapping)
-  allowed = {f.name for f in dataclasses.fields(teacher_lib.TeacherConfig)}
+  keys = {f.key: f for f in teachers.FAMILIES.values()}
+  allowed = {"kind", "layer"} | set(keys)
   unknown = sorted(set(mapping) - allowed)
   if unknown:
     raise ConfigError(f"Unknown config key(s) teacher.{', teacher.'.join(unknown)}; valid keys: "
                       f"{', '.join(sorted(allowed))}.")
-  vit = mapping.pop("vit", None)
-  dino = mapping.pop("dino", None)
-  return teacher_lib.TeacherConfig(
-      vit=None if vit is None else from_mapping(vit_lib.ViTConfig, vit, "teacher.vit"),
-      dino=None if dino is None else from_mapping(dinov2_lib.DinoV2Config, dino, "teacher.dino"),
-      **mapping)
+  kind = mapping.get("kind", "siglip")
+  family = teachers.family(kind)
+  tower = mapping.get(family.key)
+  if tower is None:
+    raise ConfigError(f"teacher.kind={kind!r} needs teacher.{family.key} to be set.")
+  return teacher_lib.TeacherConfig(kind=kind, tower=family.parse(tower, f"teacher.{family.key}"),
+                                   layer=mapping.get("layer"))
 
 
 def parse_config(config: Any) -> Experiment:

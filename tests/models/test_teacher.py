@@ -11,7 +11,7 @@ from vla_jax.models import vit as vit_lib
 from vla_jax.models.teacher import Teacher, teacher_config
 
 
-@pytest.mark.parametrize("name", ["tiny_siglip", "tiny_dinov2"])
+@pytest.mark.parametrize("name", ["tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3"])
 def test_resize_input_gives_student_grid(name):
   config = teacher_config(name, student_grid=4)
   teacher = Teacher(config)

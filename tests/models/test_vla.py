@@ -160,7 +160,7 @@ def test_step_loss_is_the_prompt_prefix_loss():
 
   config = get_config("tiny_paligemma")
   config.model = dataclasses.asdict(_small(vla_config("tiny_paligemma")))
-  config.teacher = dataclasses.asdict(teacher_lib.teacher_config("tiny_siglip", student_grid=4))
+  config.teacher = teacher_lib.teacher_config("tiny_siglip", student_grid=4).to_mapping()
   config.align.align_layer = 1
   config.weights.student = config.weights.teacher = ""
   experiment = parse_config(config)

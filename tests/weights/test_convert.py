@@ -60,3 +60,22 @@ def test_stale_partial_directory_does_not_block(tmp_path):
   (stale / "junk").write_text("from a crashed conversion")
   path = convert.save_converted(str(tmp_path / "c"), _params(CONFIG), CONFIG)
   assert os.path.isdir(path) and not stale.exists()
+
+
+def test_teacher_conversions_record_the_experiment_layout_and_older_ones_still_load(tmp_path):
+  from vla_jax.models import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  teacher = teacher_lib.TeacherConfig(kind="siglip", tower=CONFIG)
+  params = {"tower": _params(CONFIG)}
+  abstract = {"tower": vit_lib.abstract_params(CONFIG)}
+  path = convert.save_converted(str(tmp_path / "t"), params, teacher)
+  assert convert.read_meta(path)["config"] == {"kind": "siglip", "layer": None,
+                                               "vit": dataclasses.asdict(CONFIG)}
+  convert.load_converted(path, teacher, abstract)
+  # Before the teacher registry a conversion recorded {kind, vit, dino: None, layer}.
+  meta = {"format_version": convert.FORMAT_VERSION, "config_type": "TeacherConfig",
+          "source": "", "format": "big_vision",
+          "config": {"kind": "siglip", "vit": dataclasses.asdict(CONFIG), "dino": None,
+                     "layer": None}}
+  old = convert.write_params(str(tmp_path / "old"), params, {"meta": meta})
+  restored, _ = convert.load_converted(old, teacher, abstract)
+  jax.tree.map(np.testing.assert_array_equal, restored, params)

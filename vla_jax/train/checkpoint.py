@@ -99,7 +99,7 @@ def experiment_to_config(experiment: Experiment, *, lora_merged: bool = False) -
   if experiment.lora is not None and not lora_merged:
     lora = {"enabled": True, **dataclasses.asdict(experiment.lora)}
   return _jsonable({"model": dataclasses.asdict(experiment.model),
-                    "teacher": dataclasses.asdict(experiment.teacher),
+                    "teacher": experiment.teacher.to_mapping(),
                     "align": dataclasses.asdict(experiment.align), "lora": lora})
 
 
@@ -127,6 +127,8 @@ def _show(value: Any) -> str:
 def _differences(a: Any, b: Any, key: str, ignore: Tuple[str, ...]) -> List[str]:
   if key.rsplit(".", 1)[-1] in ignore:
     return []
+  if (a is None and b is _ABSENT) or (a is _ABSENT and b is None):
+    return []  # an unset sub-config (older checkpoints record `teacher.dino: None`)
   if isinstance(a, Mapping) and isinstance(b, Mapping):
     return [line for k in sorted(set(a) | set(b)) for line in _differences(
         a.get(k, _ABSENT), b.get(k, _ABSENT), f"{key}.{k}" if key else str(k), ignore)]

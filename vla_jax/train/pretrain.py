@@ -351,7 +351,9 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
   from vla_jax.weights import siglip as siglip_weights  # pylint: disable=g-import-not-at-top
   root = os.path.join(bundled.cache_root(cache_dir), "pretrained")
   setup = dataclasses.asdict(config)
-  teacher_config = dataclasses.asdict(experiment.teacher)
+  # Hashed in the layout it had before the teacher registry ({kind, vit, dino, layer}),
+  # so the teachers already cached stay valid.
+  teacher_config = {"dino": None, **experiment.teacher.to_mapping()}
   paths = {
       "student_vision": os.path.join(
           root, f"student_vision_{_digest(_vision_config(experiment), setup)}.npz"),

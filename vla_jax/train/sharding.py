@@ -45,7 +45,8 @@ TENSOR_RULES: Tuple[Tuple[str, int], ...] = (
     (r"mlp/linear$", -2),
     (r"lm_head/kernel$", -1),  # [D, vocab]
     (r"(input_embedding|embedder/embedding)$", -2),  # [vocab, D]
-    # ViTs (SigLIP big_vision names, DINOv2): qkv [D, heads, head_dim], out [heads, head_dim, D].
+    # ViTs (SigLIP big_vision names, DINOv2, C-RADIO): qkv [D, heads, head_dim], out
+    # [heads, head_dim, D].
     (r"(query|key|value)/kernel$", -2),
     (r"(MultiHeadDotProductAttention_0|attn)/out/kernel$", -3),
     (r"(MlpBlock_0/Dense_0|mlp/fc1)/kernel$", -1),

@@ -148,9 +148,7 @@ def apply_train_overrides(experiment: Experiment, train_config: TrainConfig) -> 
       model, llm=llm, siglip=dataclasses.replace(model.siglip, dtype=dtype),
       dino=None if model.dino is None else dataclasses.replace(model.dino, dtype=dtype))
   teacher = experiment.teacher
-  teacher = dataclasses.replace(
-      teacher, vit=None if teacher.vit is None else dataclasses.replace(teacher.vit, dtype=dtype),
-      dino=None if teacher.dino is None else dataclasses.replace(teacher.dino, dtype=dtype))
+  teacher = dataclasses.replace(teacher, tower=dataclasses.replace(teacher.tower, dtype=dtype))
   return dataclasses.replace(experiment, model=model, teacher=teacher)
 
 

@@ -29,7 +29,10 @@ FORMAT_VERSION = 1
 
 
 def _jsonable(config: Any) -> Dict[str, Any]:
-  return json.loads(json.dumps(dataclasses.asdict(config)))
+  # A config with its own experiment-config layout (`TeacherConfig.to_mapping`) is
+  # recorded in it; other dataclasses field by field.
+  mapping = config.to_mapping() if hasattr(config, "to_mapping") else dataclasses.asdict(config)
+  return json.loads(json.dumps(mapping))
 
 
 def save_converted(path: str, params: Any, config: Any, *, source: str = "", fmt: str = "",
@@ -104,8 +107,10 @@ def load_converted(path: str, config: Any, abstract_params: Any,
   path = os.path.abspath(os.fspath(path))
   meta = read_meta(path)
   stored, wanted = meta.get("config"), _jsonable(config)
-  if stored != wanted:
-    diffs = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+  # A key absent on one side equals None on the other: conversions made before the
+  # teacher registry record `dino: None` beside a SigLIP teacher's `vit`.
+  diffs = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+  if diffs:
     raise CheckpointError(
         f"{path} was converted for another model config; differing keys: {diffs}. Use the "
         "config it was converted with, or convert again for this one.")
