@@ -59,13 +59,48 @@ def pytest_configure(config):
       "markers", "slow: end-to-end or multi-process tests (deselect with -m 'not slow')")
 
 
+# The modules that take longest (measured with VLA_JAX_TEST_TIMES, longest first). xdist
+# hands out modules in collection order; left to its default (most tests first) these few
+# long modules with few tests ran last, one worker busy and the other idle for the last
+# ten minutes. Started first, they overlap with everything else (longest-job-first). The
+# list only orders work: a module missing from it still runs, after these.
+HEAVY_MODULES = (
+    "tests/test_study.py",
+    "tests/test_notebook.py",
+    "tests/eval/test_image_dependence.py",
+    "tests/train/test_multiprocess.py",
+    "tests/train/test_faults.py",
+    "tests/train/test_sharding.py",
+    "tests/train/test_checkpoint.py",
+    "tests/models/test_decode.py",
+    "tests/sim/test_render.py",
+    "tests/sim/test_env.py",
+    "tests/test_benchmarks.py",
+    "tests/train/test_pretrain.py",
+    "tests/train/test_vlm_pretrain.py",
+    "tests/train/test_loop.py",
+    "tests/train/test_ema.py",
+    "tests/data/test_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Heavy modules first, in HEAVY_MODULES order; the others after, as collected."""
+  rank = {module: i for i, module in enumerate(HEAVY_MODULES)}
+  key = lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank))
+  items[:] = sorted(items, key=key)  # stable: a module's own test order is kept
+
+
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: ignored where xdist is not installed
 def pytest_xdist_make_scheduler(config, log):
   """`-n N` hands each worker whole modules (xdist's loadscope), not single tests: a
   module's fixtures (a trained run, a rendered dataset, compiled steps) are then built on
-  one worker only, instead of on every worker that draws one of its tests."""
+  one worker only, instead of on every worker that draws one of its tests. Modules go
+  out in collection order (heavy first, `pytest_collection_modifyitems`), not xdist's
+  most-tests-first."""
   if config.getoption("dist") == "load":
     from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+    config.option.loadscopereorder = False
     return LoadScopeScheduling(config, log)
   return None
 
@@ -74,3 +109,12 @@ def pytest_unconfigure(config):
   cache = getattr(config, "vla_jax_compile_cache", None)
   if cache:
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def pytest_runtest_logreport(report):
+  """With `VLA_JAX_TEST_TIMES=FILE`, appends "seconds outcome phase test" per test phase as
+  it finishes (a record that survives an interrupted or timed-out session)."""
+  path = os.environ.get("VLA_JAX_TEST_TIMES")
+  if path and (report.when == "call" or report.outcome != "passed" or report.duration > 1):
+    with open(path, "a") as f:
+      f.write(f"{report.duration:.1f} {report.outcome} {report.when} {report.nodeid}\n")

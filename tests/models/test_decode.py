@@ -237,6 +237,6 @@ def test_decoding_on_a_sharded_mesh_equals_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   result = subprocess.run([sys.executable, "-m", "tests.models.decode_multidevice_script"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
   assert result.stdout.strip().splitlines()[-1] == "OK"

@@ -76,7 +76,7 @@ def test_signal_finishes_the_step_saves_and_says_where_to_resume(small_data, tmp
   try:
     _wait_for_metrics(workdir / "metrics.jsonl", 2, process)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=300)
+    _, stderr = process.communicate(timeout=900)
   finally:
     process.kill()
   assert process.returncode == 1, stderr[-3000:]

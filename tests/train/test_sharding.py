@@ -27,7 +27,7 @@ def run_on_8_devices(module, timeout):
 
 @pytest.fixture(scope="module")
 def report():
-  return run_on_8_devices("tests.train.multidevice_script", 300)
+  return run_on_8_devices("tests.train.multidevice_script", 900)
 
 
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "fsdp_tensor"])
@@ -87,7 +87,7 @@ def test_partition_rules():
 
 @pytest.fixture(scope="module")
 def load_report():
-  return run_on_8_devices("tests.train.sharded_load_script", 600)
+  return run_on_8_devices("tests.train.sharded_load_script", 900)
 
 
 @pytest.mark.parametrize("case", ["checkpoints", "export", "random"])
