@@ -7,13 +7,15 @@ Usage: `python -m vla_jax.main --config=configs/align.py[:PRESET]` with PRESET o
                 LoRA rank 32 / alpha 16 on every linear layer (the paper's setup)
   paligemma_3b  PaliGemma-3B student, SigLIP So400m/14 teacher, align layer 9 of 18
 Any key can be overridden: `--config.align.align_coeff=0` gives plain SFT,
-`--config.teacher.layer=20`, `--config.model.llm.scan=True`, ...
+`--config.teacher.layer=20`, `--config.model.llm.scan=True`,
+`--config.align.align_layers='(8, 16)'` (align several LLM layers, losses summed), ...
 
 The teacher: `teacher.kind` picks a registered family (vla_jax/models/teachers/) and
 only its sub-config is read: `siglip` -> `teacher.vit`, `dinov2` -> `teacher.dino`,
-`radio` -> `teacher.radio`, `dinov3` -> `teacher.dinov3`. Every family's sub-config is
-here, sized for the student's grid (the tiny presets' tiny towers, else SigLIP
-So400m/14, DINOv2 L/14, C-RADIOv3-L, DINOv3 ViT-L/16),
+`radio` -> `teacher.radio`, `dinov3` -> `teacher.dinov3`, `siglip2` -> `teacher.siglip2`.
+Every family's sub-config is here, sized for the student's grid (the tiny presets' tiny
+towers, else SigLIP So400m/14, DINOv2 L/14, C-RADIOv3-L, DINOv3 ViT-L/16, SigLIP 2
+So400m/16 NaFlex),
 so `--config.teacher.kind=radio` switches teacher. The paper found C-RADIOv3 the best
 teacher: its best setup is
   --config=configs/align.py:openvla_7b --config.teacher.kind=radio \
@@ -67,6 +69,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.align = dataclasses.asdict(align_lib.AlignConfig(
       align_layer=student.llm.depth // 2, align_coeff=0.2,
       projector_width=256 if tiny else 2048))
+  # None = align `align_layer` alone (the paper's best). Several layers at once, one frozen
+  # projector each, losses summed: --config.align.align_layers='(8, 16)'. A typed
+  # reference, so that the command line can override the None with a tuple.
+  config.align.align_layers = ml_collections.FieldReference(None, field_type=tuple)
   # The paper's "all linear layers": every Dense/einsum kernel except the output head and
   # the convolutional patch embeddings.
   config.lora = dict(enabled=use_lora, **dataclasses.asdict(lora_lib.LoraConfig(

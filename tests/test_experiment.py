@@ -100,7 +100,7 @@ def test_teacher_kind_switches_family_with_one_override(preset, width, size):
 
 
 @pytest.mark.parametrize("kind,key", [("siglip", "vit"), ("dinov2", "dino"), ("radio", "radio"),
-                                      ("dinov3", "dinov3")])
+                                      ("dinov3", "dinov3"), ("siglip2", "siglip2")])
 def test_teacher_errors_name_the_full_path(kind, key):
   config = _config("tiny")
   config.teacher.kind = kind
@@ -119,7 +119,7 @@ def test_teacher_errors_name_the_full_path(kind, key):
 def test_teacher_layout_round_trips_and_reads_older_checkpoints():
   from vla_jax.experiment import parse_teacher  # pylint: disable=g-import-not-at-top
   from vla_jax.models.teacher import teacher_config  # pylint: disable=g-import-not-at-top
-  for name in ("tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3"):
+  for name in ("tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3", "tiny_siglip2"):
     teacher = teacher_config(name, student_grid=4)
     assert parse_teacher(teacher.to_mapping()) == teacher
   old = {"kind": "siglip", "vit": dataclasses.asdict(teacher_config("tiny_siglip").tower),

@@ -31,9 +31,17 @@ class Experiment:
 
   def __post_init__(self):
     depth = self.model.llm.depth
-    require(self.align.align_layer <= depth,
-            f"align.align_layer={self.align.align_layer} but the LLM has only {depth} layers; "
-            f"pick a layer in [0, {depth}] (the paper uses the middle one, {depth // 2}).")
+    if self.align.align_layers is None:
+      require(self.align.align_layer <= depth,
+              f"align.align_layer={self.align.align_layer} but the LLM has only {depth} "
+              f"layers; pick a layer in [0, {depth}] (the paper uses the middle one, "
+              f"{depth // 2}).")
+    else:  # align_layers replaces align_layer, which is then not read
+      outside = [layer for layer in self.align.align_layers if layer > depth]
+      require(not outside,
+              f"align.align_layers={self.align.align_layers} but the LLM has only {depth} "
+              f"layers: {outside} outside [0, {depth}]; pick layers in that range (the "
+              f"paper aligns one, the middle one, {depth // 2}).")
 
 
 def _as_dict(mapping: Any) -> dict:
@@ -46,9 +54,9 @@ def parse_teacher(mapping: Mapping[str, Any]) -> teacher_lib.TeacherConfig:
   """{kind, layer, <family key>: {...}, ...} -> TeacherConfig.
 
   Each registered family's sub-config may be present (`teacher.vit`, `teacher.dino`,
-  `teacher.radio`, `teacher.dinov3`: configs/align.py carries all of them so that
-  `--config.teacher.kind` can switch); only the one of `kind` is read, and its errors
-  name `teacher.<key>.<field>`.
+  `teacher.radio`, `teacher.dinov3`, `teacher.siglip2`: configs/align.py carries all of
+  them so that `--config.teacher.kind` can switch); only the one of `kind` is read, and
+  its errors name `teacher.<key>.<field>`.
   """
   mapping = _as_dict(mapping)
   keys = {f.key: f for f in teachers.FAMILIES.values()}

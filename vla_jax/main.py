@@ -145,7 +145,11 @@ def describe(config, workdir: str) -> dict:
       "sequence_length": int(out["logits"].shape[1]),
       "tokens_from": token_source,
       "align_layer": experiment.align.align_layer,
-      "align_hidden_shape": list(out["align_hidden"].shape),
+      "align_layers": list(experiment.align.layers),
+      # [B, N, D]; with several aligned layers, one such shape per layer.
+      "align_hidden_shape": (list(out["align_hidden"].shape)
+                             if not experiment.align.multi_layer
+                             else [list(h.shape) for h in out["align_hidden"]]),
       "metrics": {k: float(v) for k, v in metrics.items()},
       "init_and_load_s": round(init_s, 3),
       "compile_s": round(compile_s, 3),

@@ -5,8 +5,9 @@ An `Experiment` (student VLA, frozen teacher, frozen alignment projector) become
 (`read_checkpoints`) and initialises only what they do not provide (`init_params`), each
 tensor straight onto its sharding when a mesh is given. `aligned_forward`
 is the pure function at the heart of training: one student pass that returns logits
-and the `align_layer` hidden states at the visual tokens, one teacher pass on the same
-images under `stop_gradient`, the frozen projector, and `loss/align` with its metrics.
+and the `align_layer` hidden states at the visual tokens (of every layer in
+`align_layers`, when several are aligned), one teacher pass on the same images under
+`stop_gradient`, the frozen projector(s), and `loss/align` with its metrics.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from flax import traverse_util
 
 from vla_jax.errors import ConfigError
 from vla_jax.experiment import Experiment
-from vla_jax.models.align import AlignProjector, alignment_loss
+from vla_jax.models import align as align_lib
 from vla_jax.models.teacher import Teacher
 from vla_jax.models.vla import VLA, dummy_inputs
 from vla_jax.weights import convert as convert_lib
@@ -32,15 +33,15 @@ class Models:
   """Stateless flax modules of one experiment (parameters live elsewhere)."""
   student: VLA
   teacher: Teacher
-  projector: AlignProjector
+  projector: Any  # align.AlignProjector, or align.MultiProjector for several layers
 
 
 def build_models(experiment: Experiment) -> Models:
   return Models(
       student=VLA(experiment.model),
       teacher=Teacher(experiment.teacher),
-      projector=AlignProjector.from_config(experiment.align,
-                                           teacher_dim=experiment.teacher.width))
+      projector=align_lib.build_projector(experiment.align,
+                                          teacher_dim=experiment.teacher.width))
 
 
 def _init_all(models: Models, experiment: Experiment, rng):
@@ -50,6 +51,8 @@ def _init_all(models: Models, experiment: Experiment, rng):
   teacher = models.teacher.init(keys[1], images, experiment.model.grid,
                                 experiment.align.grid_match)["params"]
   hidden = jnp.zeros((1, experiment.model.num_visual_tokens, experiment.model.llm.width))
+  if experiment.align.multi_layer:  # one hidden state per aligned layer
+    hidden = (hidden,) * len(experiment.align.layers)
   projector = models.projector.init(keys[2], hidden)["params"]
   return {"student": student, "teacher": teacher, "projector": projector}
 
@@ -228,14 +231,16 @@ def aligned_forward(models: Models, experiment: Experiment, params: Dict[str, An
     params: {"student", "teacher", "projector"} pytrees.
     images: [B, H, W, 3] in [0, 1]; tokens / input_mask: [B, T].
   Returns:
-    (student outputs dict, loss/align scalar, metrics dict).
+    (student outputs dict, loss/align scalar, metrics dict). With several aligned layers
+    `out["align_hidden"]` is a tuple (one per layer), loss/align their summed losses and
+    the metrics carry per-layer entries (`align.multi_layer_alignment_loss`).
   """
   model, align = experiment.model, experiment.align
   out = models.student.apply({"params": params["student"]}, images, tokens, input_mask,
-                             align_layer=align.align_layer)
+                             align_layer=align.capture)
   teacher_features = models.teacher.apply({"params": params["teacher"]}, images, model.grid,
                                           align.grid_match)
   teacher_features = jax.lax.stop_gradient(teacher_features)
-  projected = models.projector.apply({"params": params["projector"]}, out["align_hidden"])
-  loss, metrics = alignment_loss(align, projected, teacher_features)
+  loss, metrics = align_lib.alignment_from_hidden(align, models.projector, params["projector"],
+                                                  out["align_hidden"], teacher_features)
   return out, loss, {"loss/align": loss, **metrics}

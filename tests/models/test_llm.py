@@ -117,6 +117,20 @@ def test_capture_in_scan_does_not_change_logits(preset):
   _close(out["captured"], plain_out["hidden"][2], 0)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_capture_of_several_layers_equals_each_capture(scan):
+  # align.align_layers: one pass captures every aligned layer, in the order asked.
+  _, model, params, x = _setup("tiny_llama", scan=scan, depth=3)
+  plain, plain_out = _apply(model, params, x, return_all_hidden=True)
+  logits, out = _apply(model, params, x, capture_layer=(3, 0, 1), capture_slice=(2, 4))
+  _close(logits, plain, 0)
+  assert isinstance(out["captured"], tuple) and len(out["captured"]) == 3
+  for layer, captured in zip((3, 0, 1), out["captured"]):
+    _close(captured, plain_out["hidden"][layer][:, 2:6], 0)
+  with pytest.raises(InputError, match=r"or a non-empty tuple of them; got \(1, 9\)"):
+    _apply(model, params, x, capture_layer=(1, 9))
+
+
 def test_gemma_scales_token_embeddings_in_embed_only():
   config, model, params, _ = _setup("tiny_gemma")
   tokens = jnp.array([[3, 5, 7]], jnp.int32)

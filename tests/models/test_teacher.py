@@ -11,7 +11,8 @@ from vla_jax.models import vit as vit_lib
 from vla_jax.models.teacher import Teacher, teacher_config
 
 
-@pytest.mark.parametrize("name", ["tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3"])
+@pytest.mark.parametrize("name", ["tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3",
+                                  "tiny_siglip2"])
 def test_resize_input_gives_student_grid(name):
   config = teacher_config(name, student_grid=4)
   teacher = Teacher(config)

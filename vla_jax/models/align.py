@@ -5,6 +5,10 @@ middle LLM layer (`align_layer`) are mapped by `AlignProjector` into the teacher
 feature space and pulled toward the frozen teacher's patch features by
 `alignment_loss` (Kachaev et al., 2025). The total loss is
 `loss/action + align_coeff * loss/align`; this module computes `loss/align` only.
+Several layers can be aligned at once (`align_layers`, the reference code's
+MultiProjector; the paper found one middle layer best): each gets its own frozen,
+independently initialised projector (`MultiProjector`) and their losses are summed
+(`multi_layer_alignment_loss`); `alignment_from_hidden` handles either case.
 The teacher's patch grid must equal the student's token grid: either the teacher sees
 the image resized to `teacher_input_size(...)` pixels (`grid_match="resize_input"`, the
 paper's choice) or its patch features are resampled (`grid_match="resample_features"`).
@@ -13,7 +17,7 @@ Everything here is pure and jittable; shapes are static.
 
 import dataclasses
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -37,6 +41,14 @@ class AlignConfig:
   Attributes:
     align_layer: index of the LLM layer whose output hidden states are aligned
       (16 of Llama-2-7B's 32).
+    align_layers: None (the default: align `align_layer` alone), or a tuple of distinct
+      layer indices aligned at once, which then replaces `align_layer`. Each layer has
+      its own frozen projector (`MultiProjector`) and `loss/align` is the SUM of the
+      per-layer losses, as the reference code's MultiProjector: each layer is pulled as
+      hard as a single aligned layer would be, so `align_coeff` keeps its meaning per
+      layer (an average would weaken every layer's pull by 1 / len(align_layers)). The
+      paper found aligning one middle layer best. A one-layer tuple `(k,)` is exactly
+      `align_layer=k` (the same single projector and parameter names).
     align_coeff: lambda in `loss = loss/action + lambda * loss/align`; 0 is plain SFT.
     projector_width: hidden width of the projector MLP.
     projector_dropout: dropout rate inside the projector (only used when trainable).
@@ -48,6 +60,7 @@ class AlignConfig:
       the student's) or "resample_features" (its patch grid is resampled).
   """
   align_layer: int = 16
+  align_layers: Optional[Tuple[int, ...]] = None
   align_coeff: float = 0.2
   projector_width: int = 2048
   projector_dropout: float = 0.1
@@ -59,6 +72,17 @@ class AlignConfig:
   def __post_init__(self):
     require(isinstance(self.align_layer, int) and self.align_layer >= 0,
             f"align.align_layer must be a layer index >= 0, got {self.align_layer!r}.")
+    if self.align_layers is not None:
+      layers = self.align_layers
+      require(isinstance(layers, tuple) and len(layers) > 0,
+              f"align.align_layers must be None (align align.align_layer alone) or a "
+              f"non-empty tuple of LLM layer indices such as (8, 16), got {layers!r}.")
+      bad = [v for v in layers if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+      require(not bad, f"align.align_layers must hold layer indices >= 0, got {layers!r} "
+              f"(not valid: {bad!r}).")
+      repeated = sorted({v for v in layers if layers.count(v) > 1})
+      require(not repeated, f"align.align_layers must not repeat a layer, got {layers!r} "
+              f"(repeated: {repeated!r}); list each layer once.")
     require(self.align_coeff >= 0,
             f"align.align_coeff must be >= 0 (0 disables alignment), got {self.align_coeff!r}.")
     require(isinstance(self.projector_width, int) and self.projector_width > 0,
@@ -71,6 +95,22 @@ class AlignConfig:
             f"align.temperature must be > 0, got {self.temperature!r}.")
     require(self.grid_match in GRID_MATCH_MODES,
             f"align.grid_match must be one of {GRID_MATCH_MODES}, got {self.grid_match!r}.")
+
+  @property
+  def layers(self) -> Tuple[int, ...]:
+    """The aligned LLM layers: `align_layers`, or `(align_layer,)` when that is None."""
+    return self.align_layers if self.align_layers is not None else (self.align_layer,)
+
+  @property
+  def multi_layer(self) -> bool:
+    """True when several layers are aligned (one projector each, summed losses)."""
+    return len(self.layers) > 1
+
+  @property
+  def capture(self) -> Union[int, Tuple[int, ...]]:
+    """What the student captures (`VLA.__call__(align_layer=...)`): the one layer's
+    index, or the tuple of several, so a one-layer run keeps its [B, N, D] output."""
+    return self.layers if self.multi_layer else self.layers[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,6 +175,42 @@ class AlignProjector(nn.Module):
         x = nn.silu(x)
         x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
     return x
+
+
+class MultiProjector(nn.Module):
+  """One frozen `AlignProjector` per aligned layer, `layer_{k}` for LLM layer k.
+
+  Each projector is its own random init (flax derives each submodule's init key from its
+  name), as the reference code's MultiProjector builds one projector per layer. Maps a
+  sequence of hidden states [B, N, Ds] (in `layers`' order) to a tuple of [B, N, Dt].
+  """
+  layers: Tuple[int, ...]
+  teacher_dim: int
+  width: int = 2048
+  dropout: float = 0.1
+  trainable: bool = False
+
+  @nn.compact
+  def __call__(self, hiddens: Sequence[jax.Array], *,
+               deterministic: bool = True) -> Tuple[jax.Array, ...]:
+    if len(hiddens) != len(self.layers):
+      raise InputError(f"MultiProjector for layers {self.layers} got {len(hiddens)} hidden "
+                       "states; pass one per aligned layer, in that order.")
+    return tuple(
+        AlignProjector(self.teacher_dim, self.width, self.dropout, self.trainable,
+                       name=f"layer_{layer}")(hidden, deterministic=deterministic)
+        for layer, hidden in zip(self.layers, hiddens))
+
+
+def build_projector(config: AlignConfig, teacher_dim: int) -> nn.Module:
+  """The frozen projector(s) of `config`: one `AlignProjector` for one aligned layer (its
+  parameter names `norm`, `fc1..fc3` unchanged, so older checkpoints load), a
+  `MultiProjector` for several."""
+  if not config.multi_layer:
+    return AlignProjector.from_config(config, teacher_dim=teacher_dim)
+  return MultiProjector(layers=config.layers, teacher_dim=teacher_dim,
+                        width=config.projector_width, dropout=config.projector_dropout,
+                        trainable=config.projector_trainable)
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,6 +334,60 @@ def alignment_loss(config: AlignConfig, student_proj: jax.Array, teacher: jax.Ar
       "align/teacher_norm": _masked_mean(jnp.linalg.norm(teacher, axis=-1), weights),
   }
   return loss, metrics
+
+
+def multi_layer_alignment_loss(config: AlignConfig, student_projs: Sequence[jax.Array],
+                               teacher: jax.Array, mask: Optional[jax.Array] = None
+                               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """`loss/align` over several layers: the SUM of each layer's `alignment_loss`.
+
+  Args:
+    config: its `layers` name the entries of `student_projs`, in order.
+    student_projs: one projected [B, N, Dt] per aligned layer.
+    teacher, mask: as for `alignment_loss` (one teacher target for every layer).
+  Returns:
+    (summed loss, metrics): per layer k "loss/align/layer_k", "align/cos_sim/layer_k" and
+    "align/student_norm/layer_k"; over layers "align/cos_sim" and "align/student_norm"
+    (means: similarities and norms do not add up) and "align/teacher_norm".
+  """
+  layers = config.layers
+  if len(student_projs) != len(layers):
+    raise InputError(f"multi_layer_alignment_loss: align.align_layers={layers} but "
+                     f"{len(student_projs)} projected hidden states were given.")
+  total, metrics, cos, norm = 0.0, {}, [], []
+  for layer, projected in zip(layers, student_projs):
+    loss, values = alignment_loss(config, projected, teacher, mask)
+    total = total + loss
+    metrics[f"loss/align/layer_{layer}"] = loss
+    for key in ("align/cos_sim", "align/student_norm"):
+      metrics[f"{key}/layer_{layer}"] = values[key]
+    cos.append(values["align/cos_sim"])
+    norm.append(values["align/student_norm"])
+    metrics["align/teacher_norm"] = values["align/teacher_norm"]
+  metrics["align/cos_sim"] = sum(cos) / len(cos)
+  metrics["align/student_norm"] = sum(norm) / len(norm)
+  return total, metrics
+
+
+def alignment_from_hidden(config: AlignConfig, projector: nn.Module, projector_params: Any,
+                          align_hidden: Union[jax.Array, Sequence[jax.Array]],
+                          teacher: jax.Array, mask: Optional[jax.Array] = None
+                          ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The alignment term from the student's captured hidden states, one layer or several.
+
+  Args:
+    projector: `build_projector(config, ...)`; projector_params: its (frozen) params.
+    align_hidden: the student's `align_hidden` for `config.capture`: [B, N, Ds], or a
+      tuple of them for several layers.
+    teacher: teacher patch features [B, N, Dt] on the student's grid; mask as above.
+  Returns:
+    (`loss/align`, metrics): `alignment_loss`'s for one layer (unchanged), else
+    `multi_layer_alignment_loss`'s (summed over layers, per-layer metrics).
+  """
+  projected = projector.apply({"params": projector_params}, align_hidden)
+  if config.multi_layer:
+    return multi_layer_alignment_loss(config, projected, teacher, mask)
+  return alignment_loss(config, projected, teacher, mask)
 
 
 # ---------------------------------------------------------------------------------------

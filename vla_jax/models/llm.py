@@ -7,8 +7,9 @@ sqrt(width) in `embed` (not other inputs such as visual tokens, as big_vision an
 transformers >= 5 do), stores RMSNorm scales as offsets from one (`x * (1 + scale)`), uses a
 tanh-GELU gate and ties the output projection to the embedding table; Llama uses SiLU
 and a separate `lm_head`. Besides logits the model returns the final-normed hidden
-states and, on request, the residual stream after `capture_layer` blocks at a slice of
-positions (the visual tokens, for alignment) without stacking every layer's activations.
+states and, on request, the residual stream after `capture_layer` blocks (one layer, or a
+tuple of them) at a slice of positions (the visual tokens, for alignment) without stacking
+every layer's activations.
 
 Decoding with a KV cache: `init_kv_cache` allocates fixed-size key/value buffers
 (`KVCache`, [depth, B, max_len, K, hd]); `__call__(..., kv_cache=cache)` writes the keys
@@ -38,7 +39,7 @@ F = mlp_dim. Params are always float32; `config.dtype` is the compute dtype.
 import dataclasses
 import math
 import operator
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import flax.struct
@@ -367,14 +368,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One decoder block, written as a scan body over carry (x, captured, blocks_done).
 
-  `captured` is None unless a scanned model captures a layer: then it is a [B, count, D]
-  buffer overwritten (by a select on the traced counter) when `blocks_done` reaches
-  `capture_layer`. `layer_cache` is None or this layer's cached (k, v) (see Attention).
-  Returns (new carry, (x if `emit_hidden` else None, the new tokens' (k, v) if
-  `layer_cache` is given else None)).
+  `captured` is None unless a scanned model captures layers: then it is a tuple of
+  [B, count, D] buffers, buffer j overwritten (by a select on the traced counter) when
+  `blocks_done` reaches `capture_layers[j]`. `layer_cache` is None or this layer's cached
+  (k, v) (see Attention). Returns (new carry, (x if `emit_hidden` else None, the new
+  tokens' (k, v) if `layer_cache` is given else None)).
   """
   config: LLMConfig
-  capture_layer: Optional[int] = None
+  capture_layers: Tuple[int, ...] = ()
   capture_start: int = 0
   emit_hidden: bool = False
 
@@ -391,8 +392,9 @@ class Block(nn.Module):
     blocks_done = blocks_done + 1
     if captured is not None:
       window = jax.lax.slice_in_dim(x, self.capture_start,
-                                    self.capture_start + captured.shape[1], axis=1)
-      captured = jnp.where(blocks_done == self.capture_layer, window, captured)
+                                    self.capture_start + captured[0].shape[1], axis=1)
+      captured = tuple(jnp.where(blocks_done == layer, window, buffer)
+                       for layer, buffer in zip(self.capture_layers, captured))
     return (x, captured, blocks_done), (x if self.emit_hidden else None,
                                         new_kv if layer_cache is not None else None)
 
@@ -483,24 +485,31 @@ class LLM(nn.Module):
     except (TypeError, ValueError):
       raise InputError(f"capture_slice must be a static (start, count) pair of ints; got "
                        f"{capture_slice!r}.") from None
+    layers = ()
     if capture_layer is not None:
-      try:
-        capture_layer = operator.index(capture_layer)
-      except TypeError:
-        pass  # not an int (e.g. a tracer): rejected just below.
-      if not isinstance(capture_layer, int) or not 0 <= capture_layer <= cfg.depth:
+      def as_index(layer):
+        try:
+          return operator.index(layer)
+        except TypeError:
+          return layer  # not an int (e.g. a tracer): rejected just below.
+      several = isinstance(capture_layer, (tuple, list))
+      layers = tuple(as_index(layer) for layer in
+                     (capture_layer if several else (capture_layer,)))
+      if not layers or any(not isinstance(layer, int) or not 0 <= layer <= cfg.depth
+                           for layer in layers):
         raise InputError(f"capture_layer must be a static int in [0, {cfg.depth}] (0 = input "
-                         f"embeddings, k = output of block k, llm.depth = {cfg.depth}); got "
-                         f"{capture_layer!r}.")
+                         f"embeddings, k = output of block k, llm.depth = {cfg.depth}), or a "
+                         f"non-empty tuple of them; got {capture_layer!r}.")
       if not (0 <= start and 0 < count and start + count <= length):
         raise InputError(f"capture_slice=(start={start}, count={count}) must lie inside the "
                          f"{length} positions of the sequence (start >= 0, count >= 1, "
                          "start + count <= length).")
-    return capture_layer, (start, count)
+    return layers, (start, count)
 
   @nn.compact
   def __call__(self, embeddings: jax.Array, *, attn_mask: Optional[jax.Array] = None,
-               positions: Optional[jax.Array] = None, capture_layer: Optional[int] = None,
+               positions: Optional[jax.Array] = None,
+               capture_layer: Optional[Union[int, Sequence[int]]] = None,
                capture_slice: Optional[Tuple[int, int]] = None,
                return_all_hidden: bool = False, kv_cache: Optional[KVCache] = None,
                logits_at: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, Any]]:
@@ -512,7 +521,8 @@ class LLM(nn.Module):
       attn_mask: [B, T, T] bool (query, key); None = causal over all T.
       positions: [B, T] int32 RoPE positions; None = arange(T).
       capture_layer: static; return the residual stream after this many blocks
-        (0 = input embeddings, depth = last block's output before the final norm).
+        (0 = input embeddings, depth = last block's output before the final norm); a
+        tuple of such indices captures each of them (alignment at several layers).
       capture_slice: static (start, count) positions to capture; None = (0, T).
       return_all_hidden: also return all depth + 1 residual streams (analysis only).
       kv_cache: decode incrementally: the T tokens are appended to this cache (written at
@@ -524,13 +534,15 @@ class LLM(nn.Module):
         one row per sequence, not T x vocab).
     Returns:
       logits [B, T, V] float32 ([B, K, V] with logits_at), and out with "final_hidden"
-      [B, T, D] (final-normed), "captured" [B, count, D] if capture_layer is set,
+      [B, T, D] (final-normed), "captured" [B, count, D] if capture_layer is an int (a
+      tuple of them, in capture_layer's order, if it is a tuple),
       "hidden" [depth + 1, B, T, D] if return_all_hidden (entry depth is before the final
       norm), "kv_cache" (the updated KVCache) if kv_cache was given.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    capture_layer, capture_slice = self._check_inputs(
+    several = isinstance(capture_layer, (tuple, list))
+    capture_layers, capture_slice = self._check_inputs(
         embeddings, attn_mask, positions, capture_layer, capture_slice, kv_cache, logits_at)
     batch, length, _ = embeddings.shape
     if attn_mask is None:
@@ -545,7 +557,9 @@ class LLM(nn.Module):
     x = embeddings.astype(dtype)
     x_in = x
     start, count = capture_slice
-    captured = x[:, start:start + count] if capture_layer is not None else None
+    # One buffer per captured layer; layer 0 (the input embeddings) is captured already.
+    captured = (tuple(x[:, start:start + count] for _ in capture_layers) if capture_layers
+                else None)
 
     block = Block
     if cfg.remat:
@@ -557,7 +571,7 @@ class LLM(nn.Module):
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                        length=cfg.depth)(
-                           cfg, capture_layer=capture_layer, capture_start=start,
+                           cfg, capture_layers=capture_layers, capture_start=start,
                            emit_hidden=return_all_hidden, name="layers")
       (x, captured, _), (stacked, new_kv) = layers(
           (x, captured, blocks_done), layer_mask, positions, layer_caches, cache_end)
@@ -570,8 +584,9 @@ class LLM(nn.Module):
         (x, _, _), (_, layer_kv) = block(cfg, name=f"layers_{i}")(
             (x, None, blocks_done), layer_mask, positions, layer_cache, cache_end)
         new_kvs.append(layer_kv)
-        if capture_layer == i + 1:
-          captured = x[:, start:start + count]
+        if i + 1 in capture_layers:
+          captured = tuple(x[:, start:start + count] if layer == i + 1 else buffer
+                           for layer, buffer in zip(capture_layers, captured))
         if return_all_hidden:
           hidden.append(x)
       if return_all_hidden:
@@ -594,8 +609,8 @@ class LLM(nn.Module):
     out = {"final_hidden": final_hidden}
     if kv_cache is not None:
       out["kv_cache"] = _updated_cache(kv_cache, *new_kv, attn_mask)
-    if capture_layer is not None:
-      out["captured"] = captured
+    if capture_layers:
+      out["captured"] = captured if several else captured[0]
     if return_all_hidden:
       out["hidden"] = all_hidden
     return logits.astype(jnp.float32), out

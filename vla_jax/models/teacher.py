@@ -3,14 +3,14 @@
 Alignment compares the student's hidden state at visual token j with the teacher's
 feature of the same image patch j, so the teacher must see the same (augmented) image
 and produce the same grid. `Teacher` wraps the tower of any registered family
-(`vla_jax.models.teachers`: SigLIP with big_vision names, DINOv2, C-RADIO, DINOv3) and returns
-its final-layer (or chosen-layer) patch tokens, either by resizing the input so that its
-patch grid equals the student's (`grid_match="resize_input"`, the paper's choice) or by
-bilinearly resampling its native patch grid (`"resample_features"`); the choice is
-`AlignConfig.grid_match`. What differs between towers (pixel normalisation, prefix
-tokens to drop, loaders) is the family's, never a branch here. Its parameters live
-outside the train state and are never optimised; callers wrap its output in
-`jax.lax.stop_gradient`.
+(`vla_jax.models.teachers`: SigLIP with big_vision names, DINOv2, C-RADIO, DINOv3,
+SigLIP 2) and returns its final-layer (or chosen-layer) patch tokens, either by resizing
+the input so that its patch grid equals the student's (`grid_match="resize_input"`, the
+paper's choice) or by bilinearly resampling its native patch grid
+(`"resample_features"`); the choice is `AlignConfig.grid_match`. What differs between
+towers (pixel normalisation, prefix tokens to drop, loaders) is the family's, never a
+branch here. Its parameters live outside the train state and are never optimised;
+callers wrap its output in `jax.lax.stop_gradient`.
 """
 
 import dataclasses
@@ -33,13 +33,14 @@ class TeacherConfig:
   """Which tower, which of its layers.
 
   In an experiment config the tower sits under its family's key (`teacher.vit` for
-  SigLIP, `teacher.dino` for DINOv2, `teacher.radio` for C-RADIO, `teacher.dinov3`);
-  `to_mapping` and `experiment.parse_teacher` convert between that layout and this one.
+  SigLIP, `teacher.dino` for DINOv2, `teacher.radio` for C-RADIO, `teacher.dinov3`,
+  `teacher.siglip2`); `to_mapping` and `experiment.parse_teacher` convert between that
+  layout and this one.
 
   Attributes:
-    kind: a registered family (`KINDS`): "siglip", "dinov2", "radio", "dinov3".
+    kind: a registered family (`KINDS`): "siglip", "dinov2", "radio", "dinov3", "siglip2".
     tower: that family's config (`ViTConfig`, `DinoV2Config`, `RadioConfig`,
-      `DinoV3Config`).
+      `DinoV3Config`, `Siglip2Config`).
     layer: block whose output is used; None = the final output ("encoded").
   """
   kind: str = "siglip"
@@ -141,7 +142,8 @@ def teacher_config(name: str, student_grid: int = 16) -> TeacherConfig:
   Names (each family's `presets`): "siglip_so400m" (So400m/14), "siglip_b16" (B/16),
   "siglip_l16" (L/16), "dinov2_l14" (L/14), "dinov2_b14" (B/14), "c_radio_v3_b",
   "c_radio_v3_l", "c_radio_v3_h" (C-RADIOv3, patch 16), "dinov3_vitb16", "dinov3_vitl16",
-  and "tiny_siglip", "tiny_dinov2", "tiny_radio", "tiny_dinov3" (CPU tests).
+  "siglip2_b16", "siglip2_l16", "siglip2_so400m16" (SigLIP 2 NaFlex), and "tiny_siglip",
+  "tiny_dinov2", "tiny_radio", "tiny_dinov3", "tiny_siglip2" (CPU tests).
   """
   kinds = preset_names()
   if name not in kinds:

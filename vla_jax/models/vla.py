@@ -12,14 +12,14 @@ Two published layouts share this code:
   (image + prefix attend bidirectionally, the suffix causally); positions start at 1.
 
 `VLA.__call__` returns the logits over the full sequence, the residual stream of the
-LLM at `align_layer` restricted to the visual tokens (for alignment, captured in the
-same forward pass), and the positions of the visual tokens. Images come in as
-`[B, H, W, 3]` floats in [0, 1] (or uint8); each tower applies its own pixel
-normalisation here, so training, evaluation and serving cannot disagree on it.
+LLM at `align_layer` (or at each of several layers) restricted to the visual tokens (for
+alignment, captured in the same forward pass), and the positions of the visual tokens.
+Images come in as `[B, H, W, 3]` floats in [0, 1] (or uint8); each tower applies its
+own pixel normalisation here, so training, evaluation and serving cannot disagree on it.
 """
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -250,7 +250,7 @@ class VLA(nn.Module):
             "positions": positions}
 
   def __call__(self, images, tokens, input_mask=None, *, prefix_mask=None,
-               align_layer: Optional[int] = None,
+               align_layer: Optional[Union[int, Tuple[int, ...]]] = None,
                return_all_hidden: bool = False) -> Dict[str, Any]:
     """Forward pass over images and text.
 
@@ -264,11 +264,13 @@ class VLA(nn.Module):
         evaluation pass `vla_jax.train.step.supervised_prefix_mask` (through
         `step.student_forward`).
       align_layer: capture the LLM residual stream after this many blocks (HF
-        `hidden_states[k]` convention) at the visual positions; None = no capture.
+        `hidden_states[k]` convention) at the visual positions; a tuple captures each
+        of several layers (`AlignConfig.align_layers`); None = no capture.
       return_all_hidden: also return every layer's hidden states (analysis only).
     Returns:
       dict with "logits" [B, S, V] (S = T + N), "align_hidden" [B, N, D] (if
-      align_layer is set), "visual_positions" [N] int32, "input_mask" [B, S] and
+      align_layer is set; a tuple of them, in its order, if align_layer is a tuple),
+      "visual_positions" [N] int32, "input_mask" [B, S] and
       "final_hidden" [B, S, D] (and "hidden" if requested).
     """
     cfg = self.config

@@ -2,9 +2,11 @@
 
 `make_train_step` returns one pure function
 `train_step(state, frozen_params, batch) -> (state, metrics)`: the student forward
-returns logits and the `align_layer` hidden states at the visual tokens, the teacher
-runs on the same images under `stop_gradient`, the frozen projector maps the student
-side, and `loss/total = loss/action + align_coeff * loss/align`. With
+returns logits and the `align_layer` hidden states at the visual tokens (each of
+`align_layers`' when several are aligned), the teacher runs on the same images under
+`stop_gradient`, the frozen projector(s) map the student side, and
+`loss/total = loss/action + align_coeff * loss/align` (`loss/align` summed over the
+aligned layers). With
 `align_coeff == 0` the teacher and the projector are not run at all, so plain SFT
 costs nothing extra. Gradients flow only into the train state (the trainable mask and
 the LoRA factors); a batch is split into `grad_accum_steps` micro-batches by a
@@ -28,7 +30,7 @@ it; without it the whole text, targets included, would be prefix, and the logits
 predict a target would see that target.
 """
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ from vla_jax.errors import InputError
 from vla_jax.experiment import Experiment
 from vla_jax.modeling import Models
 from vla_jax.models import lora as lora_lib
-from vla_jax.models.align import alignment_loss
+from vla_jax.models import align as align_lib
 from vla_jax.models.vla import VLAConfig
 from vla_jax.train.state import TrainConfig, TrainState, make_optimizer, merge_params
 from vla_jax.train.state import learning_rate_schedule
@@ -48,6 +50,8 @@ from vla_jax.train.state import learning_rate_schedule
 Batch = Dict[str, Any]
 Metrics = Dict[str, jax.Array]
 BATCH_KEYS = ("images", "tokens", "input_mask", "loss_mask", "actions")
+# The alignment metrics a step reports (per-layer ones with a "/layer_k" suffix).
+_ALIGN_METRICS = ("loss/align", "align/cos_sim")
 
 
 def text_to_sequence_positions(config: VLAConfig, length: int) -> np.ndarray:
@@ -84,14 +88,16 @@ def supervised_prefix_mask(input_mask: jax.Array, loss_mask: jax.Array) -> jax.A
 
 
 def student_forward(model: Any, params: Any, batch: Batch,
-                    align_layer: Optional[int] = None) -> Dict[str, jax.Array]:
+                    align_layer: Optional[Union[int, Tuple[int, ...]]] = None
+                    ) -> Dict[str, jax.Array]:
   """The student's forward pass on a train batch, with the prompt as the only prefix.
 
   Args:
     model: the student `VLA` module.
     params: its parameter tree.
     batch: images, tokens, input_mask and loss_mask of the batch contract.
-    align_layer: capture the LLM residual stream after this many blocks (or None).
+    align_layer: capture the LLM residual stream after this many blocks (a tuple: after
+      each of them; `AlignConfig.capture`), or None.
   Returns:
     `VLA.__call__`'s outputs (logits [B, T + N, V], align_hidden, ...).
   """
@@ -156,10 +162,11 @@ def _action_sums(config: VLAConfig, action_tokenizer: ActionTokenizer, logits: j
 def _forward(models: Models, experiment: Experiment, action_tokenizer: ActionTokenizer,
              student: Dict[str, Any], frozen_params: Dict[str, Any], batch: Batch,
              with_align: bool) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
-  """One (micro-)batch: (action sums, alignment values {loss/align, align/cos_sim})."""
+  """One (micro-)batch: (action sums, alignment values {loss/align, align/cos_sim} and,
+  with several aligned layers, their per-layer loss/align/layer_k, align/cos_sim/layer_k)."""
   align = experiment.align
   out = student_forward(models.student, student, batch,
-                        align.align_layer if with_align else None)
+                        align.capture if with_align else None)
   sums = _action_sums(experiment.model, action_tokenizer, out["logits"], batch)
   if not with_align:
     return sums, {}
@@ -167,9 +174,10 @@ def _forward(models: Models, experiment: Experiment, action_tokenizer: ActionTok
                                  experiment.model.grid, align.grid_match)
   teacher = jax.lax.stop_gradient(teacher)
   projector = jax.lax.stop_gradient(frozen_params["projector"])
-  projected = models.projector.apply({"params": projector}, out["align_hidden"])
-  loss, metrics = alignment_loss(align, projected, teacher)
-  return sums, {"loss/align": loss, "align/cos_sim": metrics["align/cos_sim"]}
+  loss, metrics = align_lib.alignment_from_hidden(align, models.projector, projector,
+                                                  out["align_hidden"], teacher)
+  return sums, {"loss/align": loss,
+                **{k: v for k, v in metrics.items() if k.startswith(_ALIGN_METRICS)}}
 
 
 def _student_tree(experiment: Experiment, trainable: Dict[str, Any],
@@ -222,7 +230,9 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
     action_tokenizer: decodes predicted action tokens (default: OpenVLA's, Llama-2).
   Returns:
     train_step; metrics are float32 scalars named loss/total, loss/action, loss/align
-    and align/cos_sim (only when align_coeff > 0), action/token_accuracy, action/l1,
+    and align/cos_sim (only when align_coeff > 0; with several aligned layers also
+    loss/align/layer_k and align/cos_sim/layer_k per layer k, loss/align being their
+    sum and align/cos_sim their mean), action/token_accuracy, action/l1,
     grad_norm (before clipping), learning_rate (of this update) and nonfinite (1.0 when
     the loss or the gradient norm was NaN/inf: the update was skipped, only the step
     advanced; params and optimizer state are unchanged).
@@ -271,7 +281,7 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
     totals0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), {**shapes[0], **shapes[1]})
     (grads, totals), _ = jax.lax.scan(
         accumulate, (zeros, totals0), (micro_batches, jnp.arange(num_micro)))
-    align_values = {k: totals[k] for k in ("loss/align", "align/cos_sim") if k in totals}
+    align_values = {k: v for k, v in totals.items() if k.startswith(_ALIGN_METRICS)}
     metrics = _finish_metrics(totals, align_values, align_coeff)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)

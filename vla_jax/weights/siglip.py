@@ -286,8 +286,11 @@ def siglip_config_problems(hf: Mapping[str, Any], config: ViTConfig, where: str)
   check = hf_config.ConfigCheck(hf, where, SIGLIP_VISION_DEFAULTS)
   model_type = hf.get("model_type", "siglip_vision_model")
   if model_type != "siglip_vision_model":
+    fix = ("A SigLIP 2 NaFlex checkpoint loads as teacher.kind=siglip2 "
+           "(vla_jax.models.teachers.siglip2.load_hf_siglip2)."
+           if str(model_type).startswith("siglip2") else "Use a SigLIP checkpoint.")
     check.refuse("model_type", model_type, "SigLIP ('siglip_vision_model'; SigLIP 2's "
-                 "NaFlex patching and CLIP's pre-norm are not)", "Use a SigLIP checkpoint.")
+                 "NaFlex patching and CLIP's pre-norm are not)", fix)
     return check.problems
   act = check.get("hidden_act")
   if act in hf_config.TANH_GELU or act == "gelu":

@@ -9,7 +9,7 @@ configs/align.py then know it.
 from typing import Dict
 
 from vla_jax.errors import ConfigError
-from vla_jax.models.teachers import dinov2, dinov3, radio, siglip
+from vla_jax.models.teachers import dinov2, dinov3, radio, siglip, siglip2
 from vla_jax.models.teachers.family import TeacherFamily
 
 FAMILIES: Dict[str, TeacherFamily] = {f.kind: f for f in (
@@ -17,6 +17,7 @@ FAMILIES: Dict[str, TeacherFamily] = {f.kind: f for f in (
     dinov2.FAMILY,
     radio.FAMILY,
     dinov3.FAMILY,
+    siglip2.FAMILY,
 )}
 
 
