@@ -7,7 +7,7 @@ or an inconsistent value fails before anything compiles, with a message naming t
 
 import dataclasses
 import difflib
-from typing import Any, Mapping, Type, TypeVar
+from typing import Any, Mapping, Tuple, Type, TypeVar
 
 from vla_jax.errors import ConfigError
 
@@ -60,6 +60,21 @@ def require_positive_ints(config: Any, keys, where: str) -> None:
     value = getattr(config, key)
     require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
             f"{where}.{key} must be a positive integer, got {value!r}.")
+
+
+TOWER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def require_tower_settings(config: Any, where: str, flags: Tuple[str, ...]) -> None:
+  """The checks every vision tower config shares after its geometry: a positive LayerNorm
+  epsilon, a known compute dtype, and `flags` (scan, remat, ...) that are real bools."""
+  require(config.layernorm_eps > 0,
+          f"{where}.layernorm_eps must be > 0, found {config.layernorm_eps!r}.")
+  require(config.dtype in TOWER_DTYPES, f"{where}.dtype must be one of {TOWER_DTYPES}, found "
+          f"{config.dtype!r}.")
+  for key in flags:
+    require(isinstance(getattr(config, key), bool),
+            f"{where}.{key} must be True or False, found {getattr(config, key)!r}.")
 
 
 def require_patch_geometry(config: Any, where: str) -> None:

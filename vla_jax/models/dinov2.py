@@ -42,9 +42,9 @@ import numpy as np
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import posemb_resample
 from vla_jax.models.constraints import shard_batch_axis
-from vla_jax.typed_config import from_mapping, require, require_patch_geometry
+from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
+                                   require_tower_settings)
 
-_DTYPES = ("float32", "bfloat16", "float16")
 _FFNS = ("mlp", "swiglu")
 # DINOv2's LayerScale init; checkpoints overwrite it.
 _LAYER_SCALE_INIT = 1e-5
@@ -98,13 +98,8 @@ class DinoV2Config:
     require(isinstance(self.num_registers, int) and self.num_registers >= 0,
             f"dinov2.num_registers must be an integer >= 0, found {self.num_registers!r}.")
     require(self.ffn in _FFNS, f"dinov2.ffn must be one of {_FFNS}, found {self.ffn!r}.")
-    require(self.layernorm_eps > 0,
-            f"dinov2.layernorm_eps must be > 0, found {self.layernorm_eps!r}.")
-    require(self.dtype in _DTYPES, f"dinov2.dtype must be one of {_DTYPES}, "
-            f"found {self.dtype!r}.")
-    for key in ("layer_scale", "posemb_covers_cls", "final_norm", "scan", "remat"):
-      require(isinstance(getattr(self, key), bool),
-              f"dinov2.{key} must be True or False, found {getattr(self, key)!r}.")
+    require_tower_settings(self, "dinov2", ("layer_scale", "posemb_covers_cls", "final_norm",
+                                            "scan", "remat"))
 
   @property
   def hidden_dim(self) -> int:

@@ -40,12 +40,12 @@ from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.models.dinov2 import FeedForward, LayerScale
 from vla_jax.models.teachers.family import TeacherFamily
 from vla_jax.models.vla import IMAGENET_MEAN, IMAGENET_STD
-from vla_jax.typed_config import from_mapping, require, require_patch_geometry
+from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
+                                   require_tower_settings)
 from vla_jax.weights import hf_config
 from vla_jax.weights.mapping import Rule, conv2d, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +85,7 @@ class DinoV3Config:
     require(isinstance(self.num_registers, int) and self.num_registers >= 0,
             f"dinov3.num_registers must be an integer >= 0, found {self.num_registers!r}.")
     require(self.rope_theta > 0, f"dinov3.rope_theta must be > 0, found {self.rope_theta!r}.")
-    require(self.layernorm_eps > 0,
-            f"dinov3.layernorm_eps must be > 0, found {self.layernorm_eps!r}.")
-    require(self.dtype in _DTYPES, f"dinov3.dtype must be one of {_DTYPES}, found "
-            f"{self.dtype!r}.")
-    for key in ("scan", "remat"):
-      require(isinstance(getattr(self, key), bool),
-              f"dinov3.{key} must be True or False, found {getattr(self, key)!r}.")
+    require_tower_settings(self, "dinov3", ("scan", "remat"))
 
   @property
   def mlp_width(self) -> int:

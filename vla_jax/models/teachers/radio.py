@@ -49,12 +49,12 @@ from vla_jax.models import align as align_lib
 from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.models.dinov2 import Attention, FeedForward
 from vla_jax.models.teachers.family import TeacherFamily
-from vla_jax.typed_config import from_mapping, require, require_patch_geometry
+from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
+                                   require_tower_settings)
 from vla_jax.weights import hf_config
 from vla_jax.weights.mapping import Rule, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
-_DTYPES = ("float32", "bfloat16", "float16")
 # OpenAI CLIP's pixel statistics: RADIO's default input conditioner.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -114,13 +114,7 @@ class RadioConfig:
               f"{value!r}.")
     require(all(s > 0 for s in self.norm_std), f"radio.norm_std must be > 0, found "
             f"{self.norm_std!r}.")
-    require(self.layernorm_eps > 0,
-            f"radio.layernorm_eps must be > 0, found {self.layernorm_eps!r}.")
-    require(self.dtype in _DTYPES, f"radio.dtype must be one of {_DTYPES}, found "
-            f"{self.dtype!r}.")
-    for key in ("layer_scale", "scan", "remat"):
-      require(isinstance(getattr(self, key), bool),
-              f"radio.{key} must be True or False, found {getattr(self, key)!r}.")
+    require_tower_settings(self, "radio", ("layer_scale", "scan", "remat"))
 
   @property
   def mlp_width(self) -> int:

@@ -51,12 +51,12 @@ from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.models.dinov2 import Attention
 from vla_jax.models.teachers.family import TeacherFamily
 from vla_jax.models.vla import SIGLIP_MEAN, SIGLIP_STD
-from vla_jax.typed_config import from_mapping, require, require_patch_geometry
+from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
+                                   require_tower_settings)
 from vla_jax.weights import hf_config
 from vla_jax.weights.mapping import Rule, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,13 +100,7 @@ class Siglip2Config:
             and self.posemb_grid > 0,
             f"siglip2.posemb_grid must be a positive integer (the side of the checkpoint's "
             f"position table, sqrt(num_patches)), found {self.posemb_grid!r}.")
-    require(self.layernorm_eps > 0,
-            f"siglip2.layernorm_eps must be > 0, found {self.layernorm_eps!r}.")
-    require(self.dtype in _DTYPES, f"siglip2.dtype must be one of {_DTYPES}, found "
-            f"{self.dtype!r}.")
-    for key in ("gelu_approximate", "scan", "remat"):
-      require(isinstance(getattr(self, key), bool),
-              f"siglip2.{key} must be True or False, found {getattr(self, key)!r}.")
+    require_tower_settings(self, "siglip2", ("gelu_approximate", "scan", "remat"))
 
   @property
   def mlp_width(self) -> int:
