@@ -49,6 +49,7 @@ GRASP_YAW_TOL = 0.3
 HELD_DROP = 0.012  # a held object hangs this far below the effector
 SUCCESS_MARGIN = 0.008  # the object centre must be this deep inside the receptacle
 ARM_BASE = np.array([0.0, 0.34], np.float32)
+ARM_HALF_WIDTH = 0.009  # m; the arm is a square sprite squeezed to this half width
 MAX_STEPS = 80
 
 
@@ -380,7 +381,7 @@ def _effector_sprites(state: EnvState) -> Tuple[rnd.Sprites, rnd.Sprites]:
   base = jnp.asarray(ARM_BASE)
   delta = ee[:2] - base
   half = jnp.maximum(jnp.linalg.norm(delta) / 2, 1e-3)
-  arm_shape = jnp.array(cat.SHAPES["square"]).at[0].set(0.009 / half)
+  arm_shape = jnp.array(cat.SHAPES["square"]).at[0].set(ARM_HALF_WIDTH / half)
   arm = rnd.make_sprites(((ee[:2] + base) / 2)[None], ee[2] + 0.01,
                          jnp.arctan2(delta[1], delta[0]), half / np.cos(np.pi / 4),
                          arm_shape, jnp.array([0.35, 0.36, 0.4]))
@@ -428,6 +429,32 @@ def _row_reach(state: EnvState, image_size: int) -> tuple:
           + (rnd.sprite_reach(0.009, 1.0, image_size),))
 
 
+def _arm_strip() -> tuple:
+  """`render.render_scene` strip hint of the arm: (half width (m), least |sin yaw|).
+
+  The arm is the square `_effector_sprites` stretches from ARM_BASE to the effector; a
+  square's `shape_sdf` distance is at least its distance across the long edges, so the
+  arm is opaque only within ARM_HALF_WIDTH (+ half a pixel of edge) of its axis. The
+  effector stays in the workspace, so the axis is never closer to horizontal than from
+  ARM_BASE to a far workspace corner.
+  """
+  dy = ARM_BASE[1] - WORKSPACE_HIGH[1]
+  dx = max(abs(WORKSPACE_LOW[0] - ARM_BASE[0]), abs(WORKSPACE_HIGH[0] - ARM_BASE[0]))
+  return ARM_HALF_WIDTH, 0.99 * float(dy / np.hypot(dx, dy))
+
+
+def _row_hints(state: EnvState, image_size: int) -> dict:
+  """Static per-row hints for `render.render_scene` (reach, plain, strip)."""
+  reach = _row_reach(state, image_size)
+  # Solid, unblended rows: board symbols (VL-Think), shadow, arm, fingers, wrist.
+  n_scenery, n_obj = state.scenery.xy.shape[0], state.obj_xy.shape[0]
+  vlthink = n_scenery == 3 * (1 + cat.SYMBOL_SLOTS)
+  plain = (tuple(vlthink and i >= 3 for i in range(n_scenery)) + (True,)
+           + (False,) * n_obj + (True,) * 4)
+  strip = tuple(_arm_strip() if r is None else None for r in reach)  # the arm's row
+  return dict(reach=reach, plain=plain, strip=strip)
+
+
 def _scene(state: EnvState):
   shadow, effector = _effector_sprites(state)
   sprites = rnd.concat_sprites(state.scenery, shadow, _object_sprites(state), effector)
@@ -436,13 +463,15 @@ def _scene(state: EnvState):
 
 def render(state: EnvState, image_size: int = 64) -> jax.Array:
   """The camera image uint8 [image_size, image_size, 3] (image_size static)."""
-  reach = _row_reach(state, image_size)
-  # Solid, unblended rows: board symbols (VL-Think), shadow, arm, fingers, wrist.
-  n_scenery, n_obj = state.scenery.xy.shape[0], state.obj_xy.shape[0]
-  vlthink = n_scenery == 3 * (1 + cat.SYMBOL_SLOTS)
-  plain = (tuple(vlthink and i >= 3 for i in range(n_scenery)) + (True,)
-           + (False,) * n_obj + (True,) * 4)
-  return rnd.render_scene(*_scene(state), image_size, reach=reach, plain=plain)
+  return rnd.render_scene(*_scene(state), image_size, **_row_hints(state, image_size))
+
+
+def render_v1(state: EnvState, image_size: int = 64) -> jax.Array:
+  """`render` by the previous fast path `render.render_scene_v1`: the same image, kept for
+  benchmarks/sim_speed.py."""
+  hints = _row_hints(state, image_size)
+  return rnd.render_scene_v1(*_scene(state), image_size, reach=hints["reach"],
+                             plain=hints["plain"])
 
 
 def render_reference(state: EnvState, image_size: int = 64) -> jax.Array:
