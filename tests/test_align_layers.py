@@ -196,3 +196,27 @@ def test_eval_step_reports_each_layer_and_the_sum():
                              + metrics["loss/align/layer_2"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["loss/total"], metrics["loss/action"]
                              + experiment.align.align_coeff * metrics["loss/align"], rtol=1e-5)
+
+
+def test_the_study_probes_every_aligned_layer():
+  """`study._probe_layers`: one probe per aligned layer, the first layer's as the headline
+  (what the summary and report read), every layer's under "by_layer"."""
+  from vla_jax import study  # pylint: disable=g-import-not-at-top
+  from vla_jax.eval import probe as probe_lib  # pylint: disable=g-import-not-at-top
+  experiment, models, params = _multi()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+  labels = np.arange(12) % 3
+  protocol = probe_lib.ProbeConfig(epochs=2)
+  result = study._probe_layers(probe_lib, models.student, params["student"], images,  # pylint: disable=protected-access
+                               experiment.align.layers, labels, protocol, None)
+  assert sorted(result["by_layer"]) == [str(k) for k in sorted(LAYERS)]
+  assert {k: v for k, v in result.items() if k != "by_layer"} == result["by_layer"][str(LAYERS[0])]
+  for layer in LAYERS:
+    expected = probe_lib.probe_features(
+        probe_lib.student_features(models.student, params["student"], images, layer),
+        labels, protocol)
+    assert result["by_layer"][str(layer)] == expected
+  single = study._probe_layers(probe_lib, models.student, params["student"], images, (1,),  # pylint: disable=protected-access
+                               labels, protocol, None)
+  assert "by_layer" not in single and single == result["by_layer"]["1"]

@@ -13,7 +13,7 @@ on the CPU-sized tabletop benchmark, the paper's comparison end to end:
                 (vision towers frozen, no alignment). Same recipe otherwise.
   3. evaluate   closed-loop success of every run on `train` and on every OOD split and
                 VL-Think environment, on shared episode seeds -> <run>/eval_sim/.
-  4. probe      linear probes on mean-pooled visual-token features at the aligned layer
+  4. probe      linear probes on mean-pooled visual-token features at each aligned layer
                 (teacher, pretrained VLM, every run; the catalogue's unseen objects
                 included) -> DIR/probe.json.
   5. attention  "Do you see the {object}?" attention maps of one object for the
@@ -186,8 +186,10 @@ def probe_all(config: Any, study: StudyConfig, workdir: str, weights: Mapping[st
   from vla_jax.models.vla import VLA  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "probe.json")
   experiment = experiment_lib.parse_config(config)
-  layer = experiment.align.align_layer
-  settings = {"layer": layer, "images_per_object": study.probe_images_per_object,
+  # Every aligned layer is probed; a model's headline numbers are those of the first
+  # (the only one by default), the others are under "by_layer".
+  layers = experiment.align.layers
+  settings = {"layer": layers[0] if len(layers) == 1 else list(layers), "images_per_object": study.probe_images_per_object,
               "epochs": int(config.eval.probe_epochs), "seed": int(config.seed)}
   cached = {}
   if os.path.exists(path):
@@ -210,19 +212,32 @@ def probe_all(config: Any, study: StudyConfig, workdir: str, weights: Mapping[st
     features = probe_lib.teacher_features(models.teacher, params["teacher"], images,
                                           experiment.model.grid, experiment.align.grid_match)
     results["teacher"] = probe_lib.probe_features(features, labels, protocol, unseen)
-    features = probe_lib.student_features(models.student, params["student"], images, layer)
-    results["pretrained"] = probe_lib.probe_features(features, labels, protocol, unseen)
+    results["pretrained"] = _probe_layers(probe_lib, models.student, params["student"],
+                                          images, layers, labels, protocol, unseen)
   for name, run_dir in runs.items():
     if name in results:
       continue
     params, run_experiment, _, _ = policy_lib.load_checkpoint(run_dir)
-    features = probe_lib.student_features(VLA(run_experiment.model), params, images, layer)
-    results[name] = probe_lib.probe_features(features, labels, protocol, unseen)
+    results[name] = _probe_layers(probe_lib, VLA(run_experiment.model), params, images,
+                                  layers, labels, protocol, unseen)
     logging.info("probe %s: %s", name, results[name])
   with open(path, "w") as f:
     json.dump({"settings": settings, "classes": int(labels.max()) + 1,
                "images": int(len(labels)), "results": results}, f, indent=1)
   return results
+
+
+def _probe_layers(probe_lib, model, params, images, layers, labels, protocol, unseen):
+  """The probe of a student at each of `layers`: the first layer's result, with every
+  layer's under "by_layer" when there are several."""
+  by_layer = {}
+  for layer in layers:
+    features = probe_lib.student_features(model, params, images, layer)
+    by_layer[str(layer)] = probe_lib.probe_features(features, labels, protocol, unseen)
+  first = dict(by_layer[str(layers[0])])
+  if len(layers) > 1:
+    first["by_layer"] = by_layer
+  return first
 
 
 def attention_grid(config: Any, study: StudyConfig, workdir: str, weights: Mapping[str, str],
@@ -256,7 +271,7 @@ def attention_grid(config: Any, study: StudyConfig, workdir: str, weights: Mappi
   question = commands._prompts(tokenizer, [attention_lib.QUESTION.format(object=name)])  # pylint: disable=protected-access
   generic = commands._prompts(tokenizer, [attention_lib.GENERIC_PROMPT])  # pylint: disable=protected-access
   layers = tuple(sorted({max(0, min(l, experiment.model.llm.depth - 1)) for l in
-                         tuple(config.eval.layers) + (experiment.align.align_layer,)}))
+                         tuple(config.eval.layers) + experiment.align.layers}))
   from vla_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
   image = augment_lib.preprocess_for_serving(images[0], size)[None]
   rows, labels = [], []
