@@ -18,7 +18,8 @@ def main(data_dir: str, tokenizer: str, workdir: str, num_steps: str) -> None:
   config.weights.student, config.weights.teacher = "", ""  # random weights: fast
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
-  config.train.update(num_steps=int(num_steps), batch_size=4, warmup_steps=0)
+  config.train.update(num_steps=int(num_steps), batch_size=4, warmup_steps=0,
+                      schedule="constant")  # the program tests/train/test_faults.py compiles
   config.log_every, config.checkpoint_every, config.eval_every = 1, 100_000, 0
   try:
     loop.train(config, workdir)

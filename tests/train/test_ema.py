@@ -58,7 +58,7 @@ def test_ema_follows_the_weights_and_skips_nonfinite_steps(tiny_setup):
 @pytest.mark.slow  # end-to-end runs
 def test_ema_run_saves_resumes_and_exports_the_average(small_data, tmp_path):
   # A constant rate: a 2-step run then resumed to 4 follows the same schedule as 4 steps.
-  config = lambda steps, **train: make_config(small_data, steps, schedule="constant", **train)
+  config = lambda steps, **train: make_config(small_data, steps, **train)
   workdir = str(tmp_path / "run")
   loop.train(config(2, ema_decay=DECAY), workdir)
   loop.train(config(4, ema_decay=DECAY), workdir)  # resumed at 2

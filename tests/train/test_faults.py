@@ -32,6 +32,10 @@ def make_config(small_data, steps, **train):
   config.weights.student, config.weights.teacher = "", ""
   config.data.sources[0]["data_dir"] = data_dir
   config.data.shuffle_buffer = 64
+  # Constant: a cosine schedule bakes num_steps into the step, so runs of different
+  # lengths (here and in test_loop, test_ema) would each compile their own program; with
+  # one schedule they share it through the session's compilation cache.
+  train = {"schedule": "constant", **train}
   config.train.update(num_steps=steps, batch_size=4, warmup_steps=0, **train)
   config.log_every, config.checkpoint_every, config.eval_every = 1, 2, 0
   return config
