@@ -31,6 +31,18 @@ def student():
   return model, params
 
 
+@pytest.fixture(scope="module", params=["tiny", "tiny_paligemma"])
+def any_student(request, student):
+  """The `student` above, and a PaliGemma-layout one (visual tokens first, prefix-LM)."""
+  if request.param == "tiny":
+    return student
+  experiment = small_experiment("tiny_paligemma", depth=2, vocab_size=640)
+  model = VLA(experiment.model)
+  images = jnp.zeros((1, 64, 64, 3))
+  params = jax.jit(model.init)(jax.random.key(0), images, jnp.ones((1, 4), jnp.int32))["params"]
+  return model, params
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("align_layer",
                                                                "return_all_hidden"))
 def _apply(model, params, images, tokens, input_mask=None, **kwargs):
@@ -80,9 +92,10 @@ def test_student_features_do_not_depend_on_the_prompt(student):
 
 
 # ---------------------------------------------------------------------------- attention
-def test_attention_probs_rebuild_the_next_hidden_state(student):
-  """Exactness: probs @ v -> o_proj -> residual -> MLP must equal hidden[layer + 1]."""
-  model, params = student
+def test_attention_probs_rebuild_the_next_hidden_state(any_student):
+  """Exactness: probs @ v -> o_proj -> residual -> MLP must equal hidden[layer + 1] (for
+  PaliGemma also the prefix-LM mask and positions from 1 must be the model's)."""
+  model, params = any_student
   cfg = model.config.llm
   tokens = np.array([[1, 30, 31, 32, 33, 0], [1, 40, 41, 0, 0, 0]], np.int32)
   lengths = np.array([5, 3], np.int32)
@@ -109,8 +122,8 @@ def test_attention_probs_rebuild_the_next_hidden_state(student):
     np.testing.assert_allclose(np.asarray(x), np.asarray(out["hidden"][layer + 1]), atol=2e-4)
 
 
-def test_visual_attention_ignores_padding_and_normalises(student):
-  model, params = student
+def test_visual_attention_ignores_padding_and_normalises(any_student):
+  model, params = any_student
   images = _images(2, 1)
   row = [1, 30, 31, 32]
   short = np.array([row, row], np.int32)

@@ -19,6 +19,7 @@ import numpy as np
 
 from vla_jax.errors import InputError
 from vla_jax.models import llm as llm_lib
+from vla_jax.models import vla as vla_lib
 from vla_jax.models.vla import VLA
 
 QUESTION = "Do you see the {object}?"
@@ -59,11 +60,10 @@ def attention_probs(config: llm_lib.LLMConfig, block_params: Dict[str, Any], hid
 
 
 def sequence_mask_and_positions(model: VLA, input_mask: jax.Array):
-  """(attn_mask [B, S, S], positions [B, S]) the OpenVLA-layout VLA builds internally."""
-  batch = input_mask.shape[0]
-  ones = jnp.ones((batch, model.config.num_visual_tokens), jnp.bool_)
-  mask = jnp.concatenate([input_mask[:, :1], ones, input_mask[:, 1:]], axis=1)
-  return llm_lib.causal_mask(mask), llm_lib.positions_from_mask(mask)
+  """(attn_mask [B, S, S], positions [B, S]) the VLA builds internally for a prompt
+  (`vla.sequence_layout`; PaliGemma's prompt is its bidirectional prefix)."""
+  _, attn_mask, positions = vla_lib.sequence_layout(model.config, input_mask)
+  return attn_mask, positions
 
 
 def visual_attention(model: VLA, params: Any, images: jax.Array, tokens: jax.Array,
@@ -71,7 +71,8 @@ def visual_attention(model: VLA, params: Any, images: jax.Array, tokens: jax.Arr
   """Last text token's head-averaged attention over the visual tokens.
 
   Args:
-    images: uint8 [B, S, S, 3]; tokens: int32 [B, T] right-padded, BOS first.
+    images: uint8 [B, S, S, 3]; tokens: int32 [B, T] right-padded, BOS first (either
+      layout: OpenVLA's visual tokens after BOS, PaliGemma's before the text).
     lengths: int32 [B] real tokens per row.
     layers: block indices (0-based: attention inside block i reads hidden[i]).
   Returns:
@@ -79,8 +80,6 @@ def visual_attention(model: VLA, params: Any, images: jax.Array, tokens: jax.Arr
     not sum to one: the rest goes to BOS and the text).
   """
   cfg = model.config
-  if cfg.arch != "openvla":
-    raise InputError(f"visual_attention supports the OpenVLA layout, got {cfg.arch!r}.")
   for layer in layers:
     if not 0 <= layer < cfg.llm.depth:
       raise InputError(f"attention layers must be in [0, {cfg.llm.depth}), got {layer}.")

@@ -140,7 +140,10 @@ class VLAPolicy:
   normalised with `state_stats`, the training data's state statistics).
 
   Attributes:
-    model, params: the student (OpenVLA layout).
+    model, params: the student, either layout. Both are trained on OpenVLA's prompt
+      (`text.openvla_inputs`); a PaliGemma student's prompt is its bidirectional prefix
+      and the actions are causal, in training (`step.supervised_prefix_mask`) as here
+      (`greedy_action_tokens` passes no prefix mask: the prompt is the prefix).
     tokenizer: its tokenizer; action ids are the last `n_bins` ids below vocab_size.
     norm_stats: statistics actions are un-normalised with.
     augment: the training run's AugmentConfig (the eval centre crop follows it).
@@ -155,9 +158,6 @@ class VLAPolicy:
                action_dim: int = ACTION_DIM, length_bucket: int = 8, use_cache: bool = True,
                proprio_dims: Sequence[int] = (), state_stats: Optional[NormStats] = None,
                action_horizon: int = 1, execute_steps: Optional[int] = None):
-    if model.config.arch != "openvla":
-      raise ConfigError(f"VLAPolicy decodes OpenVLA prompts; model.arch={model.config.arch!r} "
-                        "is not supported yet (PaliGemma needs its prefix-LM prompt).")
     if norm_stats.dim != action_dim:
       raise ConfigError(f"norm stats have {norm_stats.dim} dimensions, the policy emits "
                         f"{action_dim}; use the statistics of the dataset the model learned.")

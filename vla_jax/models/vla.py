@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vla_jax.errors import ConfigError, InputError
@@ -147,6 +148,35 @@ class PaliGemmaProjector(nn.Module):
     return nn.Dense(self.llm_width, dtype=self.dtype, name="linear")(x)
 
 
+def sequence_layout(config: VLAConfig, input_mask: jax.Array,
+                    prefix_mask: Optional[jax.Array] = None
+                    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Where the visual tokens go, and what attends to what, for a layout.
+
+  Args:
+    config: the student's config (its `arch` decides the layout).
+    input_mask: [B, T] bool, True at real text tokens.
+    prefix_mask: PaliGemma only, [B, T] bool: text tokens in the bidirectional prefix
+      (None = every real text token, i.e. the whole prompt when decoding).
+  Returns:
+    (mask [B, S] bool, attn_mask [B, S, S] bool, positions [B, S] int32), S = T + N:
+    OpenVLA puts the N visual tokens after BOS and is causal; PaliGemma puts them first,
+    in a prefix-LM with the prefix text, and counts positions from 1. `VLA.embed_inputs`
+    runs the LLM on exactly these; `eval.attention` rebuilds attention from them.
+  """
+  input_mask = input_mask.astype(jnp.bool_)
+  ones = jnp.ones((input_mask.shape[0], config.num_visual_tokens), jnp.bool_)
+  if config.arch == "openvla":
+    mask = jnp.concatenate([input_mask[:, :1], ones, input_mask[:, 1:]], axis=1)
+    return mask, llm_lib.causal_mask(mask), llm_lib.positions_from_mask(mask)
+  mask = jnp.concatenate([ones, input_mask], axis=1)
+  if prefix_mask is None:
+    prefix_mask = input_mask
+  prefix = jnp.concatenate([ones, prefix_mask.astype(jnp.bool_)], axis=1)
+  # PaliGemma counts positions from 1 (HF and big_vision agree).
+  return mask, llm_lib.prefix_lm_mask(mask, prefix), llm_lib.positions_from_mask(mask) + 1
+
+
 class VLA(nn.Module):
   """A vision-language-action student (OpenVLA or PaliGemma layout).
 
@@ -223,29 +253,16 @@ class VLA(nn.Module):
     if tokens.shape[0] != images.shape[0]:
       raise InputError(f"images have batch {images.shape[0]} but tokens have batch "
                        f"{tokens.shape[0]}; they must match.")
-    batch, length = tokens.shape
-    n = cfg.num_visual_tokens
     if input_mask is None:
-      input_mask = jnp.ones((batch, length), jnp.bool_)
-    input_mask = input_mask.astype(jnp.bool_)
+      input_mask = jnp.ones(tokens.shape, jnp.bool_)
     visual = self.encode_images(images)
     text = self.llm.embed(tokens)
     visual = visual.astype(text.dtype)
-    ones = jnp.ones((batch, n), jnp.bool_)
     if cfg.arch == "openvla":
       embeddings = jnp.concatenate([text[:, :1], visual, text[:, 1:]], axis=1)
-      mask = jnp.concatenate([input_mask[:, :1], ones, input_mask[:, 1:]], axis=1)
-      attn_mask = llm_lib.causal_mask(mask)
-      positions = llm_lib.positions_from_mask(mask)
     else:
       embeddings = jnp.concatenate([visual, text], axis=1)
-      mask = jnp.concatenate([ones, input_mask], axis=1)
-      if prefix_mask is None:
-        prefix_mask = input_mask
-      prefix = jnp.concatenate([ones, prefix_mask.astype(jnp.bool_)], axis=1)
-      attn_mask = llm_lib.prefix_lm_mask(mask, prefix)
-      # PaliGemma counts positions from 1 (HF and big_vision agree).
-      positions = llm_lib.positions_from_mask(mask) + 1
+    mask, attn_mask, positions = sequence_layout(cfg, input_mask, prefix_mask)
     return {"embeddings": embeddings, "input_mask": mask, "attn_mask": attn_mask,
             "positions": positions}
 
