@@ -303,19 +303,8 @@ def render_scene_v1(sprites: Sprites, table_tex, background_tex, blend_tex, whol
   """The previous fast path (texture tables, square windows, every channel at once).
 
   Kept unchanged so that benchmarks/sim_speed.py and tests/sim/test_render.py can compare
-  `render_scene` with it; same arguments and image.
-
-  Args:
-    sprites: rows in draw order (later rows cover earlier ones).
-    table_tex, background_tex, blend_tex: texture ids (int32 scalars).
-    whole_blend: ratio of the blend texture mixed over the whole image.
-    image_size: output side in pixels (static).
-    reach: static tuple, per row, of `sprite_reach` (m), or None for a row evaluated at
-      every pixel; None (default) evaluates every row at every pixel.
-    plain: static tuple of bools, per row: True promises a solid, unblended row (pattern
-      "solid", blend 0), drawn without the pattern code; None: no such rows.
-  Returns:
-    uint8 image [image_size, image_size, 3].
+  `render_scene` with it. Arguments and result as `render_scene`'s, without `strip` (a
+  row with reach None is evaluated at every pixel).
   """
   n = sprites.xy.shape[0]
   reach = (None,) * n if reach is None else tuple(reach)
