@@ -189,7 +189,8 @@ def probe_all(config: Any, study: StudyConfig, workdir: str, weights: Mapping[st
   # Every aligned layer is probed; a model's headline numbers are those of the first
   # (the only one by default), the others are under "by_layer".
   layers = experiment.align.layers
-  settings = {"layer": layers[0] if len(layers) == 1 else list(layers), "images_per_object": study.probe_images_per_object,
+  settings = {"layer": layers[0] if len(layers) == 1 else list(layers),
+              "images_per_object": study.probe_images_per_object,
               "epochs": int(config.eval.probe_epochs), "seed": int(config.seed)}
   cached = {}
   if os.path.exists(path):

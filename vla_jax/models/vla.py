@@ -148,6 +148,13 @@ class PaliGemmaProjector(nn.Module):
     return nn.Dense(self.llm_width, dtype=self.dtype, name="linear")(x)
 
 
+def insert_visual(config: VLAConfig, text: jax.Array, visual: jax.Array) -> jax.Array:
+  """`text` [B, T, ...] with `visual` [B, N, ...] inserted at `config.visual_start` (after
+  BOS for OpenVLA, before the text for PaliGemma); embeddings and masks alike."""
+  start = config.visual_start
+  return jnp.concatenate([text[:, :start], visual, text[:, start:]], axis=1)
+
+
 def sequence_layout(config: VLAConfig, input_mask: jax.Array,
                     prefix_mask: Optional[jax.Array] = None
                     ) -> Tuple[jax.Array, jax.Array, jax.Array]:
@@ -166,13 +173,12 @@ def sequence_layout(config: VLAConfig, input_mask: jax.Array,
   """
   input_mask = input_mask.astype(jnp.bool_)
   ones = jnp.ones((input_mask.shape[0], config.num_visual_tokens), jnp.bool_)
+  mask = insert_visual(config, input_mask, ones)
   if config.arch == "openvla":
-    mask = jnp.concatenate([input_mask[:, :1], ones, input_mask[:, 1:]], axis=1)
     return mask, llm_lib.causal_mask(mask), llm_lib.positions_from_mask(mask)
-  mask = jnp.concatenate([ones, input_mask], axis=1)
   if prefix_mask is None:
     prefix_mask = input_mask
-  prefix = jnp.concatenate([ones, prefix_mask.astype(jnp.bool_)], axis=1)
+  prefix = insert_visual(config, prefix_mask.astype(jnp.bool_), ones)
   # PaliGemma counts positions from 1 (HF and big_vision agree).
   return mask, llm_lib.prefix_lm_mask(mask, prefix), llm_lib.positions_from_mask(mask) + 1
 
@@ -257,11 +263,7 @@ class VLA(nn.Module):
       input_mask = jnp.ones(tokens.shape, jnp.bool_)
     visual = self.encode_images(images)
     text = self.llm.embed(tokens)
-    visual = visual.astype(text.dtype)
-    if cfg.arch == "openvla":
-      embeddings = jnp.concatenate([text[:, :1], visual, text[:, 1:]], axis=1)
-    else:
-      embeddings = jnp.concatenate([visual, text], axis=1)
+    embeddings = insert_visual(cfg, text, visual.astype(text.dtype))
     mask, attn_mask, positions = sequence_layout(cfg, input_mask, prefix_mask)
     return {"embeddings": embeddings, "input_mask": mask, "attn_mask": attn_mask,
             "positions": positions}

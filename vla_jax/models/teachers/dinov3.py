@@ -47,7 +47,6 @@ from vla_jax.weights.mapping import Rule, conv2d, identity, linear, load_params,
 from vla_jax.weights.safetensors import open_safetensors
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DinoV3Config:
   """Hyper-parameters of a DINOv3 ViT; `dinov3_config` has the published sizes.

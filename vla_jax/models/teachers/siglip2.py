@@ -58,7 +58,6 @@ from vla_jax.weights.mapping import Rule, identity, linear, load_params, stacked
 from vla_jax.weights.safetensors import open_safetensors
 
 
-
 # ---------------------------------------------------------------------------------------
 # Config and presets
 # ---------------------------------------------------------------------------------------
