@@ -11,7 +11,8 @@ per-device memory analysis (arguments, outputs, temporaries, generated code, byt
 aliased by the donated state, and their total) in GiB.
 
 Variants are named `{lora|full}[_bf16][_remat]`: `lora` is the preset's trainable set
-(LoRA factors only), `full` fine-tunes the whole student; `_bf16` sets
+(LoRA factors only, computed inside the layers; `lora..._materialised` adds W + s·A@B to
+the kernels instead, `lora.in_layer=False`), `full` fine-tunes the whole student; `_bf16` sets
 `train.compute_dtype=bfloat16` (activations; parameters and Adam moments stay float32,
 the models have no bf16-parameter option); `_remat` sets
 `train.remat_policy=nothing_saveable` (the LLM blocks) and `remat=True` on the student's
@@ -68,13 +69,15 @@ DEFAULT_VARIANTS = "lora,lora_remat,lora_bf16,lora_bf16_remat,full,full_bf16_rem
 
 
 def parse_variant(name: str) -> dict:
-  """"lora_bf16_remat" -> {trainable, compute_dtype, remat}; ValueError names the grammar."""
+  """"lora_bf16_remat" -> {trainable, compute_dtype, remat, lora_in_layer}; ValueError
+  names the grammar."""
   parts = name.split("_")
-  if parts[0] not in ("lora", "full") or not set(parts[1:]) <= {"bf16", "remat"}:
-    raise ValueError(f"variant {name!r}: expected {{lora|full}}[_bf16][_remat], e.g. "
-                     "lora_bf16_remat.")
+  if (parts[0] not in ("lora", "full") or not set(parts[1:]) <= {"bf16", "remat", "materialised"}
+      or (parts[0] == "full" and "materialised" in parts)):
+    raise ValueError(f"variant {name!r}: expected {{lora|full}}[_bf16][_remat] or "
+                     "lora[_bf16][_remat]_materialised, e.g. lora_bf16_remat.")
   return dict(trainable=parts[0], compute_dtype="bfloat16" if "bf16" in parts else "float32",
-              remat="remat" in parts)
+              remat="remat" in parts, lora_in_layer="materialised" not in parts)
 
 
 def variant_config(preset: str, variant: dict, scan: bool, batch_size: int):
@@ -82,6 +85,7 @@ def variant_config(preset: str, variant: dict, scan: bool, batch_size: int):
   config = load_config(CONFIG, preset)
   lora = variant["trainable"] == "lora"
   config.lora.enabled = lora
+  config.lora.in_layer = variant["lora_in_layer"]
   config.train.trainable = "lora" if lora else "full"
   config.train.compute_dtype = variant["compute_dtype"]
   config.train.remat_policy = "nothing_saveable" if variant["remat"] else "none"
@@ -154,6 +158,8 @@ def measure(preset: str, variant_name: str, mesh_name: str, scan: bool, batch_si
   compiled = train_step.lower(state, frozen, batch).compile()
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   row = {"preset": preset, "variant": variant_name, "mesh": mesh_name,
          "batch_size": train_config.batch_size, "text_length": length,
          "sequence_length": length + experiment.model.num_visual_tokens,
@@ -171,18 +177,20 @@ def measure(preset: str, variant_name: str, mesh_name: str, scan: bool, batch_si
   row["total"] = (row["arguments"] + row["outputs"] - row["alias"] + row["temporaries"]
                   + row["code"])
   row["fits_16gib"] = row["total"] <= BUDGET_GIB
+  # XLA's count for one device's share of the partitioned step (CPU cost model).
+  row["tflop_per_device"] = float(cost.get("flops", float("nan"))) / 1e12
   return row
 
 
 HEADER = ("| preset | variant | mesh | args | outputs | alias | temps | code | total (GiB) "
-          "| fits 16 GiB | compile (s) |")
+          "| fits 16 GiB | TFLOP / device | compile (s) |")
 
 
 def format_row(r: dict) -> str:
   return (f"| {r['preset']} | {r['variant']} | {r['mesh']} | {r['arguments']:.2f} | "
           f"{r['outputs']:.2f} | {r['alias']:.2f} | {r['temporaries']:.2f} | "
           f"{r['code']:.3f} | **{r['total']:.2f}** | {'yes' if r['fits_16gib'] else 'no'} | "
-          f"{r['compile_s']:.0f} |")
+          f"{r['tflop_per_device']:.2f} | {r['compile_s']:.0f} |")
 
 
 def main() -> None:

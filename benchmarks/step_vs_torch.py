@@ -437,21 +437,26 @@ def profile(s, args, setup_lora, setup_full):
                   _patched(step_lib, "_action_sums", _nll_only_sums))
   sft, _ = experiment_config(s, lora=True, align_coeff=0.0)
   add("LoRA, no alignment (align_coeff=0)", sft, train_config, params)
+  materialised = dataclasses.replace(
+      experiment, lora=dataclasses.replace(experiment.lora, in_layer=False))
+  add("LoRA materialised W + sAB (lora.in_layer=False)", materialised, train_config, params)
   # Copies: the real step donates its state, these jitted parts must keep their inputs.
   state = jax.tree.map(jnp.copy, real.state)
   frozen, device_batch = real.frozen, real.batch
 
   # The parts, each jitted alone on the LoRA step's inputs.
   config = experiment.model
-  student = step_lib._student_tree(experiment, state.trainable, frozen["student"], None, True)
-  out = jax.jit(lambda p, b: step_lib.student_forward(models.student, p, b))(
+  student, lora = step_lib.student_weights(experiment, state.trainable, frozen["student"],
+                                           None, True)
+  out = jax.jit(lambda p, b: step_lib.student_forward(models.student, p, b, lora=lora))(
       student, device_batch)
   materialise = jax.jit(lambda lora, ct: jax.vjp(
-      lambda l: step_lib._student_tree(experiment, {"params": {}, "lora": l},
-                                       frozen["student"], None, True), lora)[1](ct))
+      lambda l: step_lib.student_weights(materialised, {"params": {}, "lora": l},
+                                         frozen["student"], None, True)[0], lora)[1](ct))
   parts = {
       "student forward": (jax.jit(lambda p, b: step_lib.student_forward(
-          models.student, p, b, experiment.align.align_layer)["logits"]), (student, device_batch)),
+          models.student, p, b, experiment.align.align_layer, lora)["logits"]),
+          (student, device_batch)),
       "teacher forward": (jax.jit(lambda p, x: models.teacher.apply(
           {"params": p}, x, config.grid, experiment.align.grid_match)),
           (frozen["teacher"], device_batch["images"])),
@@ -459,7 +464,8 @@ def profile(s, args, setup_lora, setup_full):
           config, action_tokenizer, logits, b)), (out["logits"], device_batch)),
       "loss only (nll at all text positions)": (jax.jit(lambda logits, b: _nll_only_sums(
           config, None, logits, b)), (out["logits"], device_batch)),
-      "LoRA materialisation fwd + bwd": (materialise, (state.lora, student)),
+      "LoRA materialisation fwd + bwd (in_layer=False only)": (materialise,
+                                                               (state.lora, student)),
   }
   for name, (fn, fn_args) in parts.items():
     costs[name] = _cost(fn, *fn_args)

@@ -17,9 +17,14 @@ ACTION_DIM = 3
 
 
 def small_experiment(preset: str = "tiny", *, align_coeff: float = 0.2, lora: bool = False,
-                     vocab_size: int = VOCAB, depth: int = 2):
-  """The tiny preset with a small vocabulary and LLM depth, so steps compile in seconds."""
+                     vocab_size: int = VOCAB, depth: int = 2, scan: bool = False):
+  """The tiny preset with a small vocabulary and LLM depth, so steps compile in seconds;
+  `scan` runs the LLM's and the towers' blocks under `nn.scan`."""
   config = get_config(preset)
+  if scan:
+    for part in ("llm", "siglip", "dino"):
+      if config.model.get(part) is not None:
+        config.model[part].scan = True
   config.model.llm.vocab_size = vocab_size
   config.model.llm.depth = depth
   config.align.align_layer = depth // 2

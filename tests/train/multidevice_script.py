@@ -92,6 +92,35 @@ def main():
     if name == "fsdp":
       fsdp_state = new_state
 
+  # In-layer LoRA under scan (factors stacked per layer, `lora` scanned like the params) on
+  # the FSDP x tensor mesh: same step as on one device.
+  lora_experiment = small_experiment(lora=True, scan=True)
+  lora_models = modeling.build_models(lora_experiment)
+  lora_params = modeling.init_params(lora_models, lora_experiment, jax.random.key(0))
+  lora_config = _config(batch_size=8, learning_rate=1.0, adam_eps=1.0, trainable="lora")
+  lora_step = step_lib.make_train_step(lora_models, lora_experiment, lora_config,
+                                       ACTION_TOKENIZER)
+  lora_create = lambda p: state_lib.create_train_state(lora_experiment, lora_config, p,
+                                                       jax.random.key(1))
+  state, frozen = lora_create(lora_params)
+  # Two steps: the first moves B off zero, so the second's factors see the LoRA path.
+  ref_lora = [jax.jit(lora_step)(state, frozen, batch)]
+  ref_lora.append(jax.jit(lora_step)(ref_lora[0][0], frozen, make_batch(1, batch_size=8)))
+  sharding_config = meshes["fsdp_tensor"]
+  mesh = sharding_lib.make_mesh(sharding_config)
+  (state, frozen), (state_sh, frozen_sh) = sharding_lib.sharded_init(
+      lora_create, mesh, sharding_config, lora_params)
+  step = sharding_lib.jit_train_step(lora_step, mesh, state_sh, frozen_sh)
+  state, _ = step(state, frozen, sharding_lib.shard_batch(batch, mesh))
+  state, metrics = step(state, frozen, sharding_lib.shard_batch(make_batch(1, batch_size=8),
+                                                                 mesh))
+  report["lora_scan_fsdp_tensor"] = {
+      "in_layer": lora_experiment.lora.in_layer,
+      "scanned_factors": sum("/layers/" in path for path in state.lora),
+      "loss_diff": abs(float(metrics["loss/total"]) - float(ref_lora[1][1]["loss/total"])),
+      "lora_diff": max_diff(state.lora, ref_lora[1][0].lora),
+      "lora_scale": max(float(np.max(np.abs(b["b"]))) for b in jax.device_get(state.lora).values())}
+
   # Save on the 8-device FSDP mesh, restore onto 2 devices and onto 1 device.
   abstract = jax.eval_shape(lambda p: create(p)[0], params)
   with tempfile.TemporaryDirectory() as workdir:

@@ -37,6 +37,14 @@ def test_meshes_match_one_device(report, mesh):
   assert entry["param_diff"] < 1e-5
 
 
+def test_in_layer_lora_under_scan_matches_one_device(report):
+  """LoRA inside the scanned layers, on an FSDP x tensor mesh, two steps: as on one device."""
+  entry = report["lora_scan_fsdp_tensor"]
+  assert entry["in_layer"] and entry["scanned_factors"] >= 7, entry
+  assert entry["loss_diff"] < 1e-5, entry
+  assert entry["lora_diff"] < 1e-5 * max(1.0, entry["lora_scale"]), entry
+
+
 def test_activations_are_constrained_to_the_batch_axes_only_under_a_mesh(report):
   """Every transformer block of the student's towers, its LLM and the teacher pins its
   output's batch axis on a mesh (forward and backward); without a mesh, nothing."""

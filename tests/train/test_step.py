@@ -1,6 +1,8 @@
 """The fused train step: SFT equivalence, frozen parts, LoRA, accumulation, alignment."""
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,11 @@ import pytest
 
 from tests.train.helpers import ACTION_TOKENIZER, make_batch, small_experiment
 from tests.train.helpers import _config, _run, _with_coeff, jitted_train_step
+from vla_jax import modeling
 from vla_jax.errors import ConfigError, InputError
+from vla_jax.models import lora as lora_lib
 from vla_jax.models.vla import vla_config
+from vla_jax.train import checkpoint as checkpoint_lib
 from vla_jax.train import state as state_lib
 from vla_jax.train import step as step_lib
 
@@ -123,6 +128,74 @@ def test_lora_trains_only_factors(setup):
   assert np.isfinite(history[-1]["loss/total"])
   with pytest.raises(ConfigError, match="train.trainable"):
     state_lib.create_train_state(experiment, _config(trainable="full"), params, jax.random.key(0))
+
+
+@pytest.mark.parametrize("preset,scan", [("tiny", False), ("tiny", True),
+                                         ("tiny_paligemma", True)])
+def test_in_layer_lora_equals_materialised_lora(preset, scan):
+  """x @ W + s (x @ A) @ B inside the layers == W + s A @ B as a pytree (dropout included).
+
+  Every linear kernel of the student is adapted (LLM blocks, looped or scanned, the
+  DenseGeneral attention of the towers, the projector); two steps, so the second sees
+  nonzero B.
+  """
+  base = small_experiment(preset, lora=True, scan=scan)
+  lora = dataclasses.replace(base.lora, dropout=0.25)
+  in_layer = dataclasses.replace(base, lora=dataclasses.replace(lora, in_layer=True))
+  pytree = dataclasses.replace(base, lora=dataclasses.replace(lora, in_layer=False))
+  models = modeling.build_models(in_layer)
+  params = modeling.init_params(models, in_layer, jax.random.key(0))
+  # Adam epsilon 1: updates ~ -lr * g, so float rounding is not amplified into sign flips.
+  config = _config(trainable="lora", learning_rate=0.1, adam_eps=1.0)
+  batches = [make_batch(0), make_batch(1)]
+  results = [_run(e, models, params, config, batches) for e in (in_layer, pytree)]
+  (state_a, _, history_a), (state_b, _, history_b) = results
+  assert len(state_a.lora) > 10  # towers, projector and LLM kernels
+  assert any("llm/layers/" in path for path in state_a.lora) == scan
+  for metrics_a, metrics_b in zip(history_a, history_b):
+    for key in ("loss/total", "loss/action", "loss/align", "grad_norm"):
+      np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=2e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               state_a.lora, state_b.lora)
+
+
+def test_in_layer_lora_refuses_what_it_cannot_adapt():
+  """A kernel that is not a Dense layer's, or in_axes the layer does not contract: refused."""
+  experiment = small_experiment(lora=True)
+  models = modeling.build_models(experiment)
+  params = modeling.init_params(models, experiment, jax.random.key(0))
+  factors = lora_lib.init_lora(jax.random.key(1), params["student"], experiment.lora)
+  path = "llm/layers_0/attn/q_proj/kernel"
+  factors_tree = lora_lib.layer_factors({path: factors[path]}, experiment.lora)
+  batch = make_batch(0)
+  bad_axes = dataclasses.replace(experiment.lora, in_axes=((r"q_proj", (1,)),))
+  with pytest.raises(ConfigError, match="in_axes"):
+    step_lib.student_forward(models.student, params["student"], batch,
+                             lora=(bad_axes, factors_tree))
+  with pytest.raises(ConfigError, match="in_layer=False"):
+    lora_lib.layer_factors({"llm/embedder/input_embedding": factors[path]}, experiment.lora)
+  # Factors for a module the forward never calls would be silently ignored: refused.
+  stray = {"llm": {"no_such_layer": factors_tree["llm"]["layers_0"]["attn"]["q_proj"]}}
+  with pytest.raises(ConfigError, match="no_such_layer"):
+    step_lib.student_forward(models.student, params["student"], batch,
+                             lora=(experiment.lora, stray))
+
+
+def test_lora_runs_recorded_before_in_layer_resume_unchanged():
+  """A LoRA run saved before `lora.in_layer` existed resumes (in the layers, the default),
+  and switching the option is not 'another experiment': the function is the same."""
+  experiment = small_experiment(lora=True)
+  assert experiment.lora.in_layer
+  saved = checkpoint_lib.experiment_to_config(experiment)
+  del saved["lora"]["in_layer"]
+  assert checkpoint_lib.experiment_from_assets({"config": saved}) == experiment
+  assert checkpoint_lib.config_differences(saved, checkpoint_lib.experiment_to_config(
+      experiment)) == []
+  materialised = dataclasses.replace(
+      experiment, lora=dataclasses.replace(experiment.lora, in_layer=False))
+  assert checkpoint_lib.config_differences(
+      checkpoint_lib.experiment_to_config(experiment),
+      checkpoint_lib.experiment_to_config(materialised)) == []
 
 
 def test_schedule_and_config_validation():

@@ -306,7 +306,8 @@ class DinoV2(nn.Module):
 
     block = nn.remat(Block, prevent_cse=not config.scan) if config.remat else Block
     if config.scan:
-      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      # In-layer LoRA factors (models/lora.py) are stacked per layer like the params.
+      blocks = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                        length=config.depth)
       x, per_block = blocks(config, name="blocks")(x, None)  # per_block: [depth, B, T, D]
       for i in range(config.depth):

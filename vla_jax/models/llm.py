@@ -568,7 +568,8 @@ class LLM(nn.Module):
     blocks_done = jnp.zeros((), jnp.int32)
     if cfg.scan:
       # The cache's leading depth axis is scanned alongside the stacked layer params.
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      # In-layer LoRA factors (models/lora.py) are stacked per layer like the params.
+      layers = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                        length=cfg.depth)(
                            cfg, capture_layers=capture_layers, capture_start=start,

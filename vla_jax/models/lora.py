@@ -1,11 +1,21 @@
-"""LoRA as a pure transform of a parameter pytree, for any Flax model.
+"""LoRA for any Flax model, without wrapping its modules: factors live in their own tree.
 
-Instead of wrapping modules, LoRA factors live in their own small tree keyed by the
-`/`-joined path of the kernel they adapt, and `apply_lora` returns the effective
-parameters `kernel + (alpha / rank) * A @ B` (reshaped to the kernel's layout) that the
-unchanged model is then applied with. The base params stay frozen and the LoRA tree is
-what the optimizer trains, so "LoRA or full fine-tune" is a choice of trainable set,
-not a code path. `merge` / `unmerge` fold the factors into the kernels and back.
+LoRA factors live in their own small tree keyed by the `/`-joined path of the kernel they
+adapt; the model's modules and parameter names are unchanged (checkpoints load as
+before). The base params stay frozen and the LoRA tree is what the optimizer trains, so
+"LoRA or full fine-tune" is a choice of trainable set, not a code path. Two ways to run
+the adapted model, equal up to float rounding:
+- in the layers (`apply_in_layer`, the train step's default, `lora.in_layer=True`): every
+  adapted `nn.Dense` / `nn.DenseGeneral` computes `x @ W + s * (x @ A) @ B`, with the
+  factors passed as the `lora` variable collection and added by a method interceptor.
+  The frozen W gets no gradient, so the backward pass forms no kernel-sized dL/dW: it
+  costs O(tokens * rank * (in + out)) per kernel instead of O(tokens * in * out), as
+  openpi's LoRA layers do;
+- as a pytree transform (`apply_lora`): the effective parameters
+  `kernel + (alpha / rank) * A @ B` (reshaped to the kernel's layout) that the unchanged
+  model is applied with. It works for any kernel, also outside Dense layers, but the
+  gradient of the materialised kernel is a full dL/dW per adapted kernel.
+`merge` / `unmerge` fold the factors into the kernels and back (export).
 
 A kernel of shape [*layers, *in, *out] is seen as an [in, out] matrix: `layers` is a
 leading scan axis (scanned blocks get one A/B pair per layer), `in` defaults to the
@@ -16,10 +26,12 @@ XLA fuses it into the consumer where it can.
 """
 
 import dataclasses
+import functools
 import math
 import re
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +74,10 @@ class LoraConfig:
     in_axes: ((path regex, input axes), ...) overrides of which non-layer axes are
       the matrix input; the first matching regex wins, default (0,).
     layer_axis_regex: paths matching it have a leading scanned layer axis.
+    in_layer: the train step runs the LoRA path inside the Dense layers
+      (`apply_in_layer`: no dL/dW for frozen kernels); False materialises
+      W + s * A @ B per kernel (`apply_lora`), which also adapts kernels outside
+      `nn.Dense` / `nn.DenseGeneral`.
   """
   rank: int = 32
   alpha: float = 16.0
@@ -71,6 +87,7 @@ class LoraConfig:
   kernel_names: Tuple[str, ...] = ("kernel", "w")
   in_axes: Tuple[Tuple[str, Tuple[int, ...]], ...] = DEFAULT_IN_AXES
   layer_axis_regex: str = DEFAULT_LAYER_AXIS_REGEX
+  in_layer: bool = True
 
   def __post_init__(self):
     require(isinstance(self.rank, int) and self.rank > 0,
@@ -78,6 +95,8 @@ class LoraConfig:
     require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha!r}.")
     require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
     require(self.init in INITS, f"lora.init must be one of {INITS}, got {self.init!r}.")
+    require(isinstance(self.in_layer, bool),
+            f"lora.in_layer must be True or False, got {self.in_layer!r}.")
     for key in ("target_regex", "layer_axis_regex"):
       _compile(getattr(self, key), f"lora.{key}")
     # Configs built from JSON/ConfigDicts give lists; normalise to hashable tuples.
@@ -153,20 +172,24 @@ def _candidates(params: Any, config: LoraConfig) -> Dict[str, Tuple[int, ...]]:
   return found
 
 
+def _relative_in_axes(path: str, config: LoraConfig) -> Tuple[str, Tuple[int, ...]]:
+  """(the in_axes regex that matched `path` or "", its input axes; default (0,))."""
+  for regex, axes in config.in_axes:
+    if re.search(regex, path):
+      return regex, axes
+  return "", (0,)
+
+
 def _target(path: str, shape: Tuple[int, ...], config: LoraConfig) -> LoraTarget:
   layer_dims = 1 if re.search(config.layer_axis_regex, path) else 0
   rank = len(shape) - layer_dims
-  relative = (0,)
-  for regex, axes in config.in_axes:
-    if re.search(regex, path):
-      relative = axes
-      bad = [a for a in axes if not -rank <= a < rank]
-      if bad or len(axes) >= rank:
-        raise ConfigError(
-            f"lora.in_axes entry {regex!r} gives input axes {axes} for '{path}' of shape "
-            f"{shape} ({layer_dims} layer axis); they must leave at least one output axis "
-            f"among its {rank} non-layer axes. Narrow the regex or fix the axes.")
-      break
+  regex, relative = _relative_in_axes(path, config)
+  bad = [a for a in relative if not -rank <= a < rank]
+  if regex and (bad or len(relative) >= rank):
+    raise ConfigError(
+        f"lora.in_axes entry {regex!r} gives input axes {relative} for '{path}' of shape "
+        f"{shape} ({layer_dims} layer axis); they must leave at least one output axis "
+        f"among its {rank} non-layer axes. Narrow the regex or fix the axes.")
   in_axes = tuple(sorted(layer_dims + (a % rank) for a in relative))
   out_axes = tuple(a for a in range(layer_dims, len(shape)) if a not in in_axes)
   return LoraTarget(path, shape, tuple(range(layer_dims)), in_axes, out_axes)
@@ -243,6 +266,26 @@ def _check_factors(targets: Dict[str, LoraTarget], lora_params: Dict[str, Any],
           f"got a {got_a}, b {got_b}. Were they made with another rank or in_axes?")
 
 
+def _dropped(a: jax.Array, rng: Optional[jax.Array], index: int, dropout: float) -> jax.Array:
+  """A with LoRA dropout applied: dropping input features of the LoRA path == dropping
+  rows of A (one mask per call and kernel, the `index`-th of the sorted paths)."""
+  if dropout <= 0.0:
+    return a
+  keep = jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - dropout,
+                              a.shape[:-1] + (1,))
+  return jnp.where(keep, a / (1.0 - dropout), 0.0)
+
+
+def _check_rng(config: LoraConfig, rng: Optional[jax.Array], deterministic: bool,
+               caller: str) -> float:
+  """The dropout rate to apply; InputError when it needs a key and has none."""
+  dropout = 0.0 if deterministic else config.dropout
+  if dropout > 0.0 and rng is None:
+    raise InputError(f"{caller} with lora.dropout={config.dropout} and deterministic=False "
+                     f"needs an rng key; pass rng=... or deterministic=True.")
+  return dropout
+
+
 def _add_deltas(params: Any, lora_params: Dict[str, Any], config: LoraConfig, sign: float,
                 rng: Optional[jax.Array], dropout: float) -> Any:
   targets = lora_targets(params, config)
@@ -253,13 +296,8 @@ def _add_deltas(params: Any, lora_params: Dict[str, Any], config: LoraConfig, si
     name = path_str(path)
     if name not in lora_params:
       return kernel
-    a, b = lora_params[name]["a"], lora_params[name]["b"]
-    if dropout > 0.0:
-      # Dropping input features of the LoRA path == dropping rows of A.
-      keep = jax.random.bernoulli(jax.random.fold_in(rng, index[name]), 1.0 - dropout,
-                                  a.shape[:-1] + (1,))
-      a = jnp.where(keep, a / (1.0 - dropout), 0.0)
-    delta = _delta(targets[name], a, b, config.scale)
+    a = _dropped(lora_params[name]["a"], rng, index[name], dropout)
+    delta = _delta(targets[name], a, lora_params[name]["b"], config.scale)
     return (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
 
   return jax.tree_util.tree_map_with_path(update, params)
@@ -279,10 +317,7 @@ def apply_lora(params: Any, lora_params: Dict[str, Any], config: LoraConfig, *,
   Returns:
     A tree with the structure and dtypes of `params`.
   """
-  dropout = 0.0 if deterministic else config.dropout
-  if dropout > 0.0 and rng is None:
-    raise InputError(f"apply_lora with lora.dropout={config.dropout} and deterministic=False "
-                     f"needs an rng key; pass rng=... or deterministic=True.")
+  dropout = _check_rng(config, rng, deterministic, "apply_lora")
   return _add_deltas(params, lora_params, config, +1.0, rng, dropout)
 
 
@@ -294,6 +329,123 @@ def merge(params: Any, lora_params: Dict[str, Any], config: LoraConfig) -> Any:
 def unmerge(merged: Any, lora_params: Dict[str, Any], config: LoraConfig) -> Any:
   """Inverse of `merge`: subtracts exactly the delta `merge` added."""
   return _add_deltas(merged, lora_params, config, -1.0, None, 0.0)
+
+
+# ----------------------------------------------------------------- in-layer LoRA
+LORA_COLLECTION = "lora"
+_LAYER_KERNEL = "kernel"  # the parameter name of nn.Dense / nn.DenseGeneral
+
+
+def layer_factors(lora_params: Dict[str, Any], config: LoraConfig, *,
+                  rng: Optional[jax.Array] = None, deterministic: bool = True
+                  ) -> Dict[str, Any]:
+  """The factors as the `lora` variable collection `apply_in_layer` reads.
+
+  Args:
+    lora_params: `init_lora`'s tree {kernel path: {"a", "b"}}.
+    config: the LoraConfig the factors were made with.
+    rng, deterministic: LoRA dropout, exactly as `apply_lora` draws it (same masks).
+  Returns:
+    A nested tree by module path ({"llm": {"layers": {"attn": {"q_proj": {"a", "b"}}}}}),
+    A with dropout applied and B scaled by alpha / rank, so a layer adds (x @ A) @ B.
+  Raises:
+    ConfigError for a factor whose kernel is not a Dense layer's `kernel` (such kernels
+    need the pytree path, lora.in_layer=False).
+  """
+  dropout = _check_rng(config, rng, deterministic, "layer_factors")
+  tree: Dict[str, Any] = {}
+  for index, path in enumerate(sorted(lora_params)):
+    *modules, leaf = path.split("/")
+    if leaf != _LAYER_KERNEL or not modules:
+      raise ConfigError(
+          f"in-layer LoRA adapts nn.Dense / nn.DenseGeneral kernels (a leaf named "
+          f"'{_LAYER_KERNEL}'), but lora.target_regex picked '{path}'. Narrow "
+          f"lora.target_regex, or set lora.in_layer=False to adapt it as a pytree transform.")
+    node = tree
+    for name in modules:
+      node = node.setdefault(name, {})
+    node["a"] = _dropped(lora_params[path]["a"], rng, index, dropout)
+    node["b"] = config.scale * lora_params[path]["b"]
+  return tree
+
+
+def _factor_paths(tree: Dict[str, Any], prefix: Tuple[str, ...] = ()) -> Set[str]:
+  if "a" in tree and "b" in tree:
+    return {"/".join(prefix + (_LAYER_KERNEL,))}
+  return set().union(*(_factor_paths(v, prefix + (k,)) for k, v in tree.items()))
+
+
+def _layer_axes(module: nn.Module, x: jax.Array) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+  """(the axes of x a Dense / DenseGeneral contracts, its output features)."""
+  if isinstance(module, nn.Dense):
+    return (x.ndim - 1,), (module.features,)
+  if module.batch_dims:
+    raise ConfigError(f"in-layer LoRA does not support nn.DenseGeneral with batch_dims "
+                      f"('{'/'.join(module.path)}'); set lora.in_layer=False.")
+  axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+  features = module.features if isinstance(module.features, tuple) else (module.features,)
+  return tuple(sorted(a % x.ndim for a in axes)), tuple(features)
+
+
+def _lora_interceptor(config: LoraConfig, used: Set[str], next_fun, args, kwargs, context):
+  """Adds s * (x @ A) @ B to the output of every Dense layer holding `lora` factors."""
+  out = next_fun(*args, **kwargs)
+  module = context.module
+  if (context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral))
+      or not module.has_variable(LORA_COLLECTION, "a")):
+    return out
+  path = "/".join(module.path + (_LAYER_KERNEL,))
+  x = args[0] if args else kwargs["inputs"]
+  axes, features = _layer_axes(module, x)
+  kernel_rank = len(axes) + len(features)
+  regex, relative = _relative_in_axes(path, config)
+  if tuple(sorted(a % kernel_rank for a in relative)) != tuple(range(len(axes))):
+    raise ConfigError(
+        f"lora.in_axes gives '{path}' input axes {relative} (entry {regex or 'default'!r}), "
+        f"but the layer contracts the first {len(axes)} axes of its kernel; fix "
+        f"lora.in_axes or set lora.in_layer=False.")
+  a = module.get_variable(LORA_COLLECTION, "a")
+  b = module.get_variable(LORA_COLLECTION, "b")
+  in_size = math.prod(x.shape[i] for i in axes)
+  if a.shape != (in_size, a.shape[-1]) or b.shape != (a.shape[-1], math.prod(features)):
+    raise InputError(f"LoRA factors for '{path}' are a {a.shape}, b {b.shape}; the layer "
+                     f"maps {in_size} inputs to {features}. Were they made for another model?")
+  dtype = module.dtype or jnp.result_type(x, a)
+  batch_ndim = x.ndim - len(axes)
+  x = jnp.moveaxis(x, axes, tuple(range(batch_ndim, x.ndim)))
+  x = x.reshape(x.shape[:batch_ndim] + (in_size,)).astype(dtype)
+  delta = jnp.dot(jnp.dot(x, a.astype(dtype), precision=module.precision), b.astype(dtype),
+                  precision=module.precision)
+  used.add(path)
+  return out + delta.reshape(out.shape).astype(out.dtype)
+
+
+def apply_in_layer(module: nn.Module, params: Any, factors: Dict[str, Any], config: LoraConfig,
+                   *args, **kwargs) -> Any:
+  """`module.apply` with the LoRA path inside the layers: x @ W + s * (x @ A) @ B.
+
+  Args:
+    module: the model (root module; factor paths are relative to it).
+    params: its (frozen) base parameters.
+    factors: `layer_factors(...)`'s tree.
+    config: the LoraConfig (checks each layer's input axes).
+    *args, **kwargs: passed to `module.apply`.
+  Returns:
+    What `module.apply` returns; equal to `module.apply({"params": apply_lora(...)})`
+    up to float rounding.
+  Raises:
+    ConfigError if some factor's kernel was never called as a Dense layer (it would
+    otherwise be silently ignored).
+  """
+  used: Set[str] = set()
+  with nn.intercept_methods(functools.partial(_lora_interceptor, config, used)):
+    out = module.apply({"params": params, LORA_COLLECTION: factors}, *args, **kwargs)
+  unused = sorted(_factor_paths(factors) - used)
+  if unused:
+    raise ConfigError(
+        f"in-layer LoRA found no nn.Dense / nn.DenseGeneral call for {unused[:_SHOW]}: their "
+        f"factors would be ignored. Narrow lora.target_regex, or set lora.in_layer=False.")
+  return out
 
 
 def lora_mask(params: Any, config: LoraConfig) -> Any:

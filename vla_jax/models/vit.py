@@ -204,8 +204,9 @@ class Encoder(nn.Module):
       block_cls = nn.remat(block_cls, prevent_cse=not cfg.scan)
     out = {}
     if cfg.scan:
-      blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=cfg.depth)
+      # In-layer LoRA factors (models/lora.py) are stacked per layer like the params.
+      blocks = nn.scan(block_cls, variable_axes={"params": 0, "lora": 0},
+                       split_rngs={"params": True}, length=cfg.depth)
       x, per_layer = blocks(cfg, name="encoderblock")(x)  # per_layer: [depth, B, L, D]
       for i in range(cfg.depth):
         out[f"block{i:02d}"] = per_layer[i]

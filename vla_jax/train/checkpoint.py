@@ -111,8 +111,9 @@ def experiment_from_assets(assets: Mapping[str, Any]) -> Experiment:
   return parse_config(ml_collections.ConfigDict(assets["config"]))
 
 
-# Model settings that change how, not what, a run computes: a run may resume with another.
-EXECUTION_ONLY = ("remat", "remat_policy", "dtype")
+# Settings that change how, not what, a run computes: a run may resume with another value
+# (lora.in_layer computes the same function inside the layers or on materialised kernels).
+EXECUTION_ONLY = ("remat", "remat_policy", "dtype", "in_layer")
 
 
 _ABSENT = object()

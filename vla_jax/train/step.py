@@ -87,9 +87,13 @@ def supervised_prefix_mask(input_mask: jax.Array, loss_mask: jax.Array) -> jax.A
   return real & (jnp.cumsum(supervised, axis=1) == 0)
 
 
+# In-layer LoRA of a forward pass: (the LoraConfig, `lora_lib.layer_factors`'s tree).
+InLayerLora = Tuple[lora_lib.LoraConfig, Dict[str, Any]]
+
+
 def student_forward(model: Any, params: Any, batch: Batch,
-                    align_layer: Optional[Union[int, Tuple[int, ...]]] = None
-                    ) -> Dict[str, jax.Array]:
+                    align_layer: Optional[Union[int, Tuple[int, ...]]] = None,
+                    lora: Optional[InLayerLora] = None) -> Dict[str, jax.Array]:
   """The student's forward pass on a train batch, with the prompt as the only prefix.
 
   Args:
@@ -98,12 +102,17 @@ def student_forward(model: Any, params: Any, batch: Batch,
     batch: images, tokens, input_mask and loss_mask of the batch contract.
     align_layer: capture the LLM residual stream after this many blocks (a tuple: after
       each of them; `AlignConfig.capture`), or None.
+    lora: in-layer LoRA factors to add inside the Dense layers (`student_weights`), or
+      None (params are used as they are).
   Returns:
     `VLA.__call__`'s outputs (logits [B, T + N, V], align_hidden, ...).
   """
   prefix = supervised_prefix_mask(batch["input_mask"], batch["loss_mask"])
-  return model.apply({"params": params}, batch["images"], batch["tokens"],
-                     batch["input_mask"], prefix_mask=prefix, align_layer=align_layer)
+  args = (batch["images"], batch["tokens"], batch["input_mask"])
+  kwargs = dict(prefix_mask=prefix, align_layer=align_layer)
+  if lora is not None:
+    return lora_lib.apply_in_layer(model, params, lora[1], lora[0], *args, **kwargs)
+  return model.apply({"params": params}, *args, **kwargs)
 
 
 def check_batch(batch: Batch, num_micro_batches: int = 1) -> None:
@@ -160,13 +169,14 @@ def _action_sums(config: VLAConfig, action_tokenizer: ActionTokenizer, logits: j
 
 
 def _forward(models: Models, experiment: Experiment, action_tokenizer: ActionTokenizer,
-             student: Dict[str, Any], frozen_params: Dict[str, Any], batch: Batch,
+             student: Tuple[Dict[str, Any], Optional[InLayerLora]], frozen_params: Dict[str, Any], batch: Batch,
              with_align: bool) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
   """One (micro-)batch: (action sums, alignment values {loss/align, align/cos_sim} and,
   with several aligned layers, their per-layer loss/align/layer_k, align/cos_sim/layer_k)."""
   align = experiment.align
-  out = student_forward(models.student, student, batch,
-                        align.capture if with_align else None)
+  params, lora = student
+  out = student_forward(models.student, params, batch,
+                        align.capture if with_align else None, lora)
   sums = _action_sums(experiment.model, action_tokenizer, out["logits"], batch)
   if not with_align:
     return sums, {}
@@ -180,15 +190,24 @@ def _forward(models: Models, experiment: Experiment, action_tokenizer: ActionTok
                 **{k: v for k, v in metrics.items() if k.startswith(_ALIGN_METRICS)}}
 
 
-def _student_tree(experiment: Experiment, trainable: Dict[str, Any],
-                  frozen_student: Dict[str, Any], rng: Optional[jax.Array],
-                  deterministic: bool) -> Dict[str, Any]:
-  """Trainable + frozen student params, with the LoRA delta applied when LoRA is on."""
+def student_weights(experiment: Experiment, trainable: Dict[str, Any],
+                    frozen_student: Dict[str, Any], rng: Optional[jax.Array],
+                    deterministic: bool) -> Tuple[Dict[str, Any], Optional[InLayerLora]]:
+  """(student params, in-layer LoRA or None) for `student_forward`.
+
+  Trainable + frozen params; with LoRA on, the factors either go inside the layers
+  (`lora.in_layer`, default: the frozen kernels get no gradient) or are added to the
+  kernels they adapt (`apply_lora`).
+  """
   full = merge_params(trainable["params"], frozen_student)
-  if experiment.lora is None or not trainable["lora"]:
-    return full
-  return lora_lib.apply_lora(full, trainable["lora"], experiment.lora, rng=rng,
-                             deterministic=deterministic)
+  config = experiment.lora
+  if config is None or not trainable["lora"]:
+    return full, None
+  if config.in_layer:
+    return full, (config, lora_lib.layer_factors(trainable["lora"], config, rng=rng,
+                                                  deterministic=deterministic))
+  return lora_lib.apply_lora(full, trainable["lora"], config, rng=rng,
+                             deterministic=deterministic), None
 
 
 def _split_micro_batches(batch: Batch, num: int) -> Batch:
@@ -255,8 +274,8 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
 
     def micro_loss(trainable, micro, index):
       rng = jax.random.fold_in(step_rng, index)
-      student = _student_tree(experiment, trainable, frozen_params["student"], rng,
-                              deterministic=False)
+      student = student_weights(experiment, trainable, frozen_params["student"], rng,
+                                deterministic=False)
       sums, align_values = _forward(models, experiment, action_tokenizer, student,
                                     frozen_params, micro, with_align)
       loss = sums["nll_sum"] / num_targets
@@ -320,8 +339,8 @@ def make_eval_step(models: Models, experiment: Experiment,
 
   def eval_step(state: TrainState, frozen_params: Dict[str, Any], batch: Batch) -> Metrics:
     check_batch(batch)
-    student = _student_tree(experiment, state.inference_trainable, frozen_params["student"],
-                            None, deterministic=True)
+    student = student_weights(experiment, state.inference_trainable, frozen_params["student"],
+                              None, deterministic=True)
     sums, align_values = _forward(models, experiment, action_tokenizer, student,
                                   frozen_params, batch, True)
     return _finish_metrics(sums, align_values, align_coeff)
