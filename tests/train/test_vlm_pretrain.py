@@ -19,8 +19,8 @@ from vla_jax.train import loop, pretrain, vlm_pretrain
 SMALL = pretrain.PretrainConfig(splits=("train",), episodes_per_split=40,
                                 frames_per_episode=4, steps=30, batch_size=16,
                                 learning_rate=2e-3, warmup_steps=5)
-SMALL_VLM = vlm_pretrain.VLMPretrainConfig(steps=150, batch_size=16, learning_rate=2e-3,
-                                           warmup_steps=20)
+SMALL_VLM = vlm_pretrain.VLMPretrainConfig(steps=80, batch_size=16, learning_rate=2e-3,
+                                           warmup_steps=10)
 
 
 @pytest.fixture(scope="module")
