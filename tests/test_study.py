@@ -169,5 +169,12 @@ def test_study_config_rejects_what_it_cannot_run():
     study_lib.StudyConfig(methods=("sft", "lora"))
   with pytest.raises(ConfigError, match="must include 'train'"):
     study_lib.StudyConfig(eval_splits=("carrot",))
+  # Words as one comma-separated string, as --config.study.methods=sft,align gives them.
+  parsed = study_lib.StudyConfig(methods="sft, align", eval_splits="train,carrot")
+  assert parsed.methods == ("sft", "align") and parsed.eval_splits == ("train", "carrot")
+  assert from_mapping(study_lib.StudyConfig, {"methods": "sft,align"}, "study").methods == (
+      "sft", "align")
+  with pytest.raises(ConfigError, match="unknown method 'lora'"):
+    study_lib.StudyConfig(methods="sft,lora")
   with pytest.raises(ConfigError, match="configs/study.py"):
     study_lib.run_study(load_config(REPO / "configs" / "align.py"), "/nonexistent")

@@ -74,6 +74,11 @@ class StudyConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
+    # The command line gives a tuple of words as one string (--config.study.methods=sft,align).
+    for key in ("methods", "eval_splits"):
+      if isinstance(getattr(self, key), str):
+        object.__setattr__(self, key, tuple(w.strip() for w in getattr(self, key).split(",")
+                                            if w.strip()))
     for method in self.methods:
       require(method in METHODS, f"study.methods: unknown method {method!r}; choose from "
               f"{', '.join(METHODS)}.")
