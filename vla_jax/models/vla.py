@@ -1,21 +1,27 @@
 """VLA students: vision tower(s) -> projector -> decoder LLM, with explicit visual tokens.
 
-Two published layouts share this code:
+What differs between architectures is a `StudentLayout` in the registry
+`vla_jax.models.students` (`model.arch`): where the visual tokens sit, causal or
+prefix-LM attention, the first RoPE position, the projector, which tower outputs feed it,
+and the checkpoint loaders. Two published layouts are registered:
 
-* `openvla` (Prismatic): DINOv2 ViT-L/14 (4 registers) and SigLIP So400m/14 towers read
-  the same 224 px image; each contributes the patch tokens of its second-to-last block
-  (so the towers are built with one block fewer than their checkpoints), concatenated
-  per patch; a 3-layer GELU MLP projects them to the LLM width; the visual tokens sit
-  right after BOS: `[BOS, v_1..v_N, text...]`; plain causal attention.
-* `paligemma`: SigLIP So400m/14 (last block, final norm) -> one linear projection ->
-  Gemma; image tokens first: `[v_1..v_N, BOS, prefix..., suffix...]`; prefix-LM mask
-  (image + prefix attend bidirectionally, the suffix causally); positions start at 1.
+* `openvla` (Prismatic, `students/openvla.py`): DINOv2 ViT-L/14 (4 registers) and SigLIP
+  So400m/14 towers read the same 224 px image; each contributes the patch tokens of its
+  second-to-last block (so the towers are built with one block fewer than their
+  checkpoints), concatenated per patch; a 3-layer GELU MLP projects them to the LLM
+  width; the visual tokens sit right after BOS: `[BOS, v_1..v_N, text...]`; plain causal
+  attention.
+* `paligemma` (`students/paligemma.py`): SigLIP So400m/14 (last block, final norm) -> one
+  linear projection -> Gemma; image tokens first: `[v_1..v_N, BOS, prefix..., suffix...]`;
+  prefix-LM mask (image + prefix attend bidirectionally, the suffix causally); positions
+  start at 1.
 
 `VLA.__call__` returns the logits over the full sequence, the residual stream of the
 LLM at `align_layer` (or at each of several layers) restricted to the visual tokens (for
 alignment, captured in the same forward pass), and the positions of the visual tokens.
 Images come in as `[B, H, W, 3]` floats in [0, 1] (or uint8); each tower applies its
-own pixel normalisation here, so training, evaluation and serving cannot disagree on it.
+own pixel normalisation (in the layout), so training, evaluation and serving cannot
+disagree on it.
 """
 
 import dataclasses
@@ -28,14 +34,16 @@ import jax.numpy as jnp
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import dinov2 as dinov2_lib
 from vla_jax.models import llm as llm_lib
+from vla_jax.models import students
 from vla_jax.models import vit as vit_lib
+# The layouts' pixel statistics and projectors, importable from here as before.
+from vla_jax.models.students.layout import (IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
+                                            SIGLIP_MEAN, SIGLIP_STD)
+from vla_jax.models.students.openvla import OpenVLAProjector  # noqa: F401
+from vla_jax.models.students.paligemma import PaliGemmaProjector  # noqa: F401
 from vla_jax.typed_config import from_mapping, require
 
-# Pixel statistics of the towers' pretraining (SigLIP maps [0, 1] to [-1, 1]).
-SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-ARCHS = ("openvla", "paligemma")
+ARCHS = tuple(students.LAYOUTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +51,7 @@ class VLAConfig:
   """A VLA student: which layout, and the configs of its parts.
 
   Attributes:
-    arch: "openvla" or "paligemma" (see the module docstring).
+    arch: a registered student layout, "openvla" or "paligemma" (`models.students`).
     llm: the decoder LM.
     siglip: the SigLIP tower (both layouts).
     dino: OpenVLA's fused DINOv2 tower; None gives a SigLIP-only Prismatic model.
@@ -56,14 +64,11 @@ class VLAConfig:
   image_size: int = 224
 
   def __post_init__(self):
-    require(self.arch in ARCHS, f"model.arch={self.arch!r}; expected one of {ARCHS}.")
+    layout = students.layout(self.arch)
     require(self.siglip.image_size == self.image_size,
             f"model.siglip.image_size={self.siglip.image_size} but model.image_size="
             f"{self.image_size}; set them equal.")
-    if self.arch == "paligemma":
-      require(self.dino is None, "model.dino must be None for arch='paligemma'.")
-      require(self.llm.family == "gemma", "arch='paligemma' needs a Gemma LLM "
-              f"(model.llm.family='gemma'), got {self.llm.family!r}.")
+    layout.check(self)
     if self.dino is not None:
       require(self.dino.image_size == self.image_size,
               f"model.dino.image_size={self.dino.image_size} but model.image_size="
@@ -84,9 +89,14 @@ class VLAConfig:
     return self.grid * self.grid
 
   @property
+  def layout(self) -> students.StudentLayout:
+    """The registered layout of `arch`."""
+    return students.layout(self.arch)
+
+  @property
   def visual_start(self) -> int:
     """Sequence index of the first visual token (1 = after BOS for OpenVLA)."""
-    return 1 if self.arch == "openvla" else 0
+    return self.layout.visual_start
 
   @property
   def vision_width(self) -> int:
@@ -110,44 +120,6 @@ def vla_config_from_mapping(mapping) -> VLAConfig:
   return VLAConfig(**mapping, **parts)
 
 
-def _normalize(images, mean, std, dtype):
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-  return ((images - mean) / std).astype(dtype)
-
-
-class OpenVLAProjector(nn.Module):
-  """Prismatic's fused-backbone projector: fc1 -> GELU -> fc2 -> GELU -> fc3 (exact GELU)."""
-  vision_width: int
-  llm_width: int
-  fused: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    """x: [B, N, vision_width] -> [B, N, llm_width]."""
-    if self.fused:
-      x = nn.Dense(4 * self.vision_width, dtype=self.dtype, name="fc1")(x)
-      x = nn.gelu(x, approximate=False)
-      x = nn.Dense(self.llm_width, dtype=self.dtype, name="fc2")(x)
-      x = nn.gelu(x, approximate=False)
-      return nn.Dense(self.llm_width, dtype=self.dtype, name="fc3")(x)
-    x = nn.Dense(self.llm_width, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(self.llm_width, dtype=self.dtype, name="fc2")(x)
-
-
-class PaliGemmaProjector(nn.Module):
-  """PaliGemma's single linear map from SigLIP width to Gemma width."""
-  llm_width: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    """x: [B, N, vision_width] -> [B, N, llm_width]."""
-    return nn.Dense(self.llm_width, dtype=self.dtype, name="linear")(x)
-
-
 def insert_visual(config: VLAConfig, text: jax.Array, visual: jax.Array) -> jax.Array:
   """`text` [B, T, ...] with `visual` [B, N, ...] inserted at `config.visual_start` (after
   BOS for OpenVLA, before the text for PaliGemma); embeddings and masks alike."""
@@ -161,7 +133,8 @@ def sequence_layout(config: VLAConfig, input_mask: jax.Array,
   """Where the visual tokens go, and what attends to what, for a layout.
 
   Args:
-    config: the student's config (its `arch` decides the layout).
+    config: the student's config (its layout decides: `StudentLayout.visual_start`,
+      `prefix_lm`, `first_position`).
     input_mask: [B, T] bool, True at real text tokens.
     prefix_mask: PaliGemma only, [B, T] bool: text tokens in the bidirectional prefix
       (None = every real text token, i.e. the whole prompt when decoding).
@@ -171,20 +144,21 @@ def sequence_layout(config: VLAConfig, input_mask: jax.Array,
     in a prefix-LM with the prefix text, and counts positions from 1. `VLA.embed_inputs`
     runs the LLM on exactly these; `eval.attention` rebuilds attention from them.
   """
+  layout = config.layout
   input_mask = input_mask.astype(jnp.bool_)
   ones = jnp.ones((input_mask.shape[0], config.num_visual_tokens), jnp.bool_)
   mask = insert_visual(config, input_mask, ones)
-  if config.arch == "openvla":
-    return mask, llm_lib.causal_mask(mask), llm_lib.positions_from_mask(mask)
+  positions = llm_lib.positions_from_mask(mask) + layout.first_position
+  if not layout.prefix_lm:
+    return mask, llm_lib.causal_mask(mask), positions
   if prefix_mask is None:
     prefix_mask = input_mask
   prefix = insert_visual(config, prefix_mask.astype(jnp.bool_), ones)
-  # PaliGemma counts positions from 1 (HF and big_vision agree).
-  return mask, llm_lib.prefix_lm_mask(mask, prefix), llm_lib.positions_from_mask(mask) + 1
+  return mask, llm_lib.prefix_lm_mask(mask, prefix), positions
 
 
 class VLA(nn.Module):
-  """A vision-language-action student (OpenVLA or PaliGemma layout).
+  """A vision-language-action student of any registered layout (OpenVLA, PaliGemma).
 
   Parameters: `siglip` (ViT, big_vision names), `dino` (OpenVLA only), `projector`
   (`fc1..fc3` for OpenVLA, `linear` for PaliGemma), `llm`.
@@ -195,12 +169,7 @@ class VLA(nn.Module):
     cfg = self.config
     self.siglip = vit_lib.ViT(cfg.siglip)
     self.dino = dinov2_lib.DinoV2(cfg.dino) if cfg.dino is not None else None
-    dtype = jnp.dtype(cfg.llm.dtype)
-    if cfg.arch == "openvla":
-      self.projector = OpenVLAProjector(cfg.vision_width, cfg.llm.width,
-                                        fused=cfg.dino is not None, dtype=dtype)
-    else:
-      self.projector = PaliGemmaProjector(cfg.llm.width, dtype=dtype)
+    self.projector = cfg.layout.projector(cfg)
     self.llm = llm_lib.LLM(cfg.llm)
 
   def _check_images(self, images):
@@ -227,20 +196,7 @@ class VLA(nn.Module):
     """
     cfg = self.config
     images = self._check_images(images)
-    siglip_in = _normalize(images, SIGLIP_MEAN, SIGLIP_STD, jnp.dtype(cfg.siglip.dtype))
-    _, siglip_out = self.siglip(siglip_in)
-    if cfg.arch == "openvla":
-      # Prismatic reads the second-to-last block; the tower is built without the last one.
-      features = siglip_out[f"block{cfg.siglip.depth - 1:02d}"]
-      if self.dino is not None:
-        dino_in = _normalize(images, IMAGENET_MEAN, IMAGENET_STD, jnp.dtype(cfg.dino.dtype))
-        _, dino_out = self.dino(dino_in)
-        prefix = dinov2_lib.DinoV2.num_prefix_tokens(cfg.dino)
-        dino_patches = dino_out[f"block{cfg.dino.depth - 1:02d}"][:, prefix:]
-        features = jnp.concatenate([dino_patches.astype(features.dtype), features], axis=-1)
-    else:
-      features = siglip_out["encoded"]
-    return self.projector(features)
+    return self.projector(cfg.layout.vision_features(self, cfg, images))
 
   def embed_inputs(self, images, tokens, input_mask=None, prefix_mask=None
                    ) -> Dict[str, Any]:

@@ -268,13 +268,7 @@ def load_big_vision_paligemma(path: str, config: VLAConfig, *,
 
 
 def load_student(path: str, config: VLAConfig, fmt: str = "hf", *, shardings: Any = None) -> Any:
-  """Dispatches on the student's layout and the checkpoint format ("hf" | "big_vision")."""
-  if fmt == "hf":
-    loader = load_hf_openvla if config.arch == "openvla" else load_hf_paligemma
-  elif fmt == "big_vision" and config.arch == "paligemma":
-    loader = load_big_vision_paligemma
-  else:
-    raise CheckpointError(f"No {fmt!r} loader for arch={config.arch!r}; use 'hf' (both) or "
-                          "'big_vision' (PaliGemma), or 'orbax' for a converted checkpoint.")
-  return loader(path, config, shardings=shardings)
+  """The loader the student's layout registers for `fmt` ("hf": both; "big_vision":
+  PaliGemma); CheckpointError naming the formats the layout has otherwise."""
+  return config.layout.loader(fmt)(path, config, shardings=shardings)
 
