@@ -57,6 +57,25 @@ def test_inconsistent_values_are_rejected():
     parse_config(config)
 
 
+@pytest.mark.parametrize("path,value,message", [
+    ("model.siglip.width", -3, r"^model\.siglip\.width must be a positive integer"),
+    ("model.dino.patch_size", 0, r"^model\.dino\.patch_size must be a positive integer"),
+    ("model.llm.num_heads", 3, r"^model\.llm\.num_heads \(3\) must be a multiple of "
+                               r"model\.llm\.num_kv_heads"),
+    ("model.siglip.posemb", "rope", r"^model\.siglip\.posemb must be one of"),
+])
+def test_model_value_errors_name_the_path_the_user_typed(path, value, message):
+  """A tower's own check says `vit.width`; the user typed `model.siglip.width`."""
+  config = _config("tiny")
+  node = config
+  *parents, leaf = path.split(".")
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    parse_config(config)
+
+
 def test_load_config_names_a_missing_file(tmp_path):
   with pytest.raises(ConfigError, match="No config file"):
     load_config(tmp_path / "nope.py")

@@ -7,6 +7,7 @@ or an inconsistent value fails before anything compiles, with a message naming t
 
 import dataclasses
 import difflib
+import re
 from typing import Any, Mapping, Tuple, Type, TypeVar
 
 from vla_jax.errors import ConfigError
@@ -46,6 +47,17 @@ def from_mapping(cls: Type[T], mapping: Mapping[str, Any] | None, where: str = "
     return cls(**kwargs)
   except TypeError as e:
     raise ConfigError(f"Cannot build {cls.__name__} from {prefix or 'config'}: {e}") from None
+  except ConfigError as e:
+    raise ConfigError(_at_path(str(e), where)) from None
+
+
+def _at_path(message: str, where: str) -> str:
+  """A config class's own check names its keys by a short prefix ("vit.width"); the user
+  typed them at `where` ("model.siglip.width"): say that path instead."""
+  lead = re.match(r"([A-Za-z_]\w*)\.\w", message)
+  if not where or not lead or where.startswith(lead.group(1)):
+    return message
+  return re.sub(rf"(?<![\w.]){lead.group(1)}\.(?=\w)", f"{where}.", message)
 
 
 def require(condition: bool, message: str) -> None:
