@@ -49,11 +49,30 @@ def test_resumed_run_continues_with_the_same_losses(small_data, tmp_path):
   assert sorted(b) == [1, 2, 3, 4, 5, 6]
   for step in (4, 5, 6):
     assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
-  for name in ("loss_curves.png", "summary.json", "norm_stats.json"):
+  for name in ("loss_curves.png", "summary.json", "norm_stats.json", "run_config.json"):
     assert os.path.exists(tmp_path / "resumed" / name)
+  _check_run_config(tmp_path / "resumed")
   assert os.listdir(tmp_path / "resumed" / "tensorboard")
   assert straight["checkpoint_steps"] == [3, 6]
   _check_export(tmp_path / "resumed")
+
+
+def _check_run_config(workdir):
+  """workdir/run_config.json and the checkpoint's assets hold every section, as parsed."""
+  from vla_jax.train import checkpoint
+  with open(workdir / "run_config.json") as f:
+    record = json.load(f)
+  for section in ("model", "teacher", "align", "lora", "train", "sharding", "data", "weights",
+                  "eval", "tokenizer", "log_every", "checkpoint_every", "seed"):
+    assert section in record, section
+  # Typed sections carry their defaults and resolved values, not only what was set.
+  assert record["train"]["schedule"] == "constant" and "adam_eps" in record["train"]
+  assert record["sharding"]["fsdp_min_size"] > 0
+  assert record["data"]["image_size"] == 64 and record["data"]["sources"][0]["data_dir"]
+  assert record["model"]["llm"]["depth"] == 4 and record["checkpoint_every"] == 3
+  manager = checkpoint.make_manager(str(workdir / "checkpoints"), async_save=False)
+  assets = checkpoint._restore_step(manager, manager.latest_step(), {}, ("assets",))["assets"]
+  assert assets["run_config"] == record
 
 
 def _check_export(workdir):

@@ -282,6 +282,29 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
     return _train(config, workdir)
 
 
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def run_record(config: Any, experiment: Experiment, train_config: state_lib.TrainConfig,
+               sharding_config: sharding_lib.ShardingConfig,
+               data_config: data_lib.DataConfig) -> Dict[str, Any]:
+  """Every section of a run as it was parsed and resolved, JSON-ready.
+
+  The typed sections (model, teacher, align, lora after the train overrides; train,
+  sharding and data with every default filled in and the data sources resolved) plus the
+  plain ones as given (weights, eval, tokenizer, seed, logging and checkpoint intervals):
+  what `workdir/run_config.json` and each checkpoint's `assets["run_config"]` hold.
+  """
+  record = {**ckpt_lib.experiment_to_config(experiment),
+            "train": dataclasses.asdict(train_config),
+            "sharding": dataclasses.asdict(sharding_config),
+            "data": dataclasses.asdict(data_config)}
+  for key, value in config.to_dict().items():
+    record.setdefault(key, value)
+  return json.loads(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                               else str(o)))
+
+
 def _train(config: Any, workdir: str) -> Dict[str, Any]:
   # (1) Typed configs, validated before anything compiles.
   experiment = parse_config(config)
@@ -341,13 +364,18 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                                                 "normalization": data_config.normalization},
                                        "state_stats": state_stats,
                                        "train_layout": ckpt_lib.train_layout(train_config),
-                                       "preset": config.get("preset", "")})
+                                       "preset": config.get("preset", ""),
+                                       "run_config": run_record(config, experiment,
+                                                                train_config, sharding_config,
+                                                                data_config)})
   if not with_params:  # what rebuilds the policy from the saved factors
     assets["base"] = ckpt_lib.base_record(config.weights, train_config.seed, train_config,
                                           frozen["student"])
   if jax.process_index() == 0:  # one writer per file on a shared multi-host workdir
     with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
       json.dump(assets["norm_stats"], f, indent=1)
+    with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
+      json.dump(assets["run_config"], f, indent=1)
 
   # (5) The jitted, sharded steps.
   train_step = sharding_lib.jit_train_step(
