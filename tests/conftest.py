@@ -25,11 +25,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # - one persistent compilation cache per test session, shared by the xdist workers and the
 #   subprocess tests, so an identical program compiles once (`VLA_JAX_TEST_COMPILE_CACHE=0`
 #   turns it off). It starts empty and is deleted at the end: no result depends on an
-#   earlier run.
+#   earlier run. It has a size limit, because only then does JAX guard its reads and
+#   writes with a file lock: without one an entry is written in place, and a worker that
+#   reads it while another process is still writing it loads a truncated executable (a
+#   worker died of a segmentation fault in a train step on a loaded machine).
 if os.environ.get("VLA_JAX_TEST_XLA_OPT") != "1":
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   jax.config.update("jax_disable_most_optimizations", True)
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_CACHE_SIZE_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
+_CACHE_MAX_BYTES = 16 * 2 ** 30  # never reached by this suite: the limit is for the lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +58,9 @@ def pytest_configure(config):
       os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="vla_jax_test_xla_cache_")
       config.vla_jax_compile_cache = os.environ[_CACHE_ENV]
     if os.environ.get(_CACHE_ENV):
+      os.environ.setdefault(_CACHE_SIZE_ENV, str(_CACHE_MAX_BYTES))  # for subprocesses
       jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+      jax.config.update("jax_compilation_cache_max_size", int(os.environ[_CACHE_SIZE_ENV]))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   config.addinivalue_line(
       "markers", "slow: end-to-end or multi-process tests (deselect with -m 'not slow')")
