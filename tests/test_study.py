@@ -174,6 +174,11 @@ def test_study_config_rejects_what_it_cannot_run():
   assert parsed.methods == ("sft", "align") and parsed.eval_splits == ("train", "carrot")
   assert from_mapping(study_lib.StudyConfig, {"methods": "sft,align"}, "study").methods == (
       "sft", "align")
+  # What the command line really delivers: ml_collections keeps the tuple field a tuple.
+  config = load_config(REPO / "configs" / "study.py", "smoke")
+  config.study.methods = ("sft,align",)
+  assert from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study").methods == (
+      "sft", "align")
   with pytest.raises(ConfigError, match="unknown method 'lora'"):
     study_lib.StudyConfig(methods="sft,lora")
   with pytest.raises(ConfigError, match="configs/study.py"):

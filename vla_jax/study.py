@@ -74,11 +74,14 @@ class StudyConfig:
   cache_dir: str = ""
 
   def __post_init__(self):
-    # The command line gives a tuple of words as one string (--config.study.methods=sft,align).
+    # The command line gives words as one string: --config.study.methods=sft,align arrives
+    # as ("sft,align",) (ml_collections keeps the field a tuple), a dict as "sft,align".
     for key in ("methods", "eval_splits"):
-      if isinstance(getattr(self, key), str):
-        object.__setattr__(self, key, tuple(w.strip() for w in getattr(self, key).split(",")
-                                            if w.strip()))
+      value = getattr(self, key)
+      items = (value,) if isinstance(value, str) else tuple(value)
+      object.__setattr__(self, key, tuple(
+          w.strip() for item in items
+          for w in (item.split(",") if isinstance(item, str) else (item,)) if w.strip()))
     for method in self.methods:
       require(method in METHODS, f"study.methods: unknown method {method!r}; choose from "
               f"{', '.join(METHODS)}.")
