@@ -60,6 +60,13 @@ def _at_path(message: str, where: str) -> str:
   return re.sub(rf"(?<![\w.]){lead.group(1)}\.(?=\w)", f"{where}.", message)
 
 
+def registered(registry: Mapping[str, T], key: str, where: str) -> T:
+  """`registry[key]`; ConfigError naming the setting (`where`) and the known keys."""
+  if key not in registry:
+    raise ConfigError(f"{where}={key!r}; expected one of {tuple(registry)}.")
+  return registry[key]
+
+
 def require(condition: bool, message: str) -> None:
   """Raises ConfigError(message) unless `condition`; used in `__post_init__` checks."""
   if not condition:

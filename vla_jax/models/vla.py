@@ -36,14 +36,10 @@ from vla_jax.models import dinov2 as dinov2_lib
 from vla_jax.models import llm as llm_lib
 from vla_jax.models import students
 from vla_jax.models import vit as vit_lib
-# The layouts' pixel statistics and projectors, importable from here as before.
+# The towers' pixel statistics, importable from here as before (the teachers use them).
 from vla_jax.models.students.layout import (IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
                                             SIGLIP_MEAN, SIGLIP_STD)
-from vla_jax.models.students.openvla import OpenVLAProjector  # noqa: F401
-from vla_jax.models.students.paligemma import PaliGemmaProjector  # noqa: F401
 from vla_jax.typed_config import from_mapping, require
-
-ARCHS = tuple(students.LAYOUTS)
 
 
 @dataclasses.dataclass(frozen=True)

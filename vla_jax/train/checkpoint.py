@@ -88,7 +88,8 @@ def make_manager(directory: str, *, max_to_keep: Optional[int] = 3,
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+  """`value` as plain JSON types (arrays as lists, anything else unknown as its str)."""
   return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist")
                                else str(o)))
 
@@ -98,7 +99,7 @@ def experiment_to_config(experiment: Experiment, *, lora_merged: bool = False) -
   lora = {"enabled": False}
   if experiment.lora is not None and not lora_merged:
     lora = {"enabled": True, **dataclasses.asdict(experiment.lora)}
-  return _jsonable({"model": dataclasses.asdict(experiment.model),
+  return jsonable({"model": dataclasses.asdict(experiment.model),
                     "teacher": experiment.teacher.to_mapping(),
                     "align": dataclasses.asdict(experiment.align), "lora": lora})
 
@@ -141,7 +142,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
   """"key: saved -> current" for each setting of two experiment configs that differs (a
   sub-config present on one side only is one line; keys whose last name is in `ignore`
   are skipped), in sorted key order."""
-  return _differences(_jsonable(saved), _jsonable(current), "", ignore)
+  return _differences(jsonable(saved), jsonable(current), "", ignore)
 
 
 def _summarize_differences(differences: List[str], shown: int = 4) -> str:
@@ -211,7 +212,7 @@ def load_export_as_student(path: str, experiment: Experiment, shardings: Any = N
 def make_assets(experiment: Experiment, norm_stats: Mapping[str, NormStats], *,
                 tokenizer: str = "", extra: Optional[Mapping[str, Any]] = None) -> Dict:
   """The JSON `assets` item: {"config", "norm_stats": {name: stats}, "tokenizer", ...}."""
-  return _jsonable({"config": experiment_to_config(experiment),
+  return jsonable({"config": experiment_to_config(experiment),
                     "norm_stats": {k: v.to_dict() for k, v in norm_stats.items()},
                     "tokenizer": os.fspath(tokenizer), **(extra or {})})
 
@@ -450,7 +451,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, params: O
                "the run has diverged. Resume from the last good checkpoint with a lower "
                "train.learning_rate.")
   storable = _to_storable(state)
-  assets, data_iterator = _jsonable(dict(assets)), _jsonable(dict(data_iterator))
+  assets, data_iterator = jsonable(dict(assets)), jsonable(dict(data_iterator))
   # Written as one more item of the same step, so they commit (or not) with it.
   arrays = {"train_state": storable, **({"params": params} if params is not None else {})}
   checksums = checksums_lib.make_record(arrays, {"assets": assets,
@@ -619,7 +620,7 @@ def export(path: str, params: Any, experiment: Experiment, norm_stats: Mapping[s
     The absolute path written (with a `checksums` item, like a run's steps). Writes go
     to `path + ".partial"` renamed at the end.
   """
-  assets = _jsonable({
+  assets = jsonable({
       "format_version": EXPORT_FORMAT_VERSION,
       "config": experiment_to_config(experiment, lora_merged=True),
       "norm_stats": {k: v.to_dict() for k, v in norm_stats.items()},

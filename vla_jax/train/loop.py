@@ -301,8 +301,7 @@ def run_record(config: Any, experiment: Experiment, train_config: state_lib.Trai
             "data": dataclasses.asdict(data_config)}
   for key, value in config.to_dict().items():
     record.setdefault(key, value)
-  return json.loads(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist")
-                               else str(o)))
+  return ckpt_lib.jsonable(record)
 
 
 def _train(config: Any, workdir: str) -> Dict[str, Any]:

@@ -169,8 +169,8 @@ def _action_sums(config: VLAConfig, action_tokenizer: ActionTokenizer, logits: j
 
 
 def _forward(models: Models, experiment: Experiment, action_tokenizer: ActionTokenizer,
-             student: Tuple[Dict[str, Any], Optional[InLayerLora]], frozen_params: Dict[str, Any], batch: Batch,
-             with_align: bool) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
+             student: Tuple[Dict[str, Any], Optional[InLayerLora]],
+             frozen_params: Dict[str, Any], batch: Batch, with_align: bool) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
   """One (micro-)batch: (action sums, alignment values {loss/align, align/cos_sim} and,
   with several aligned layers, their per-layer loss/align/layer_k, align/cos_sim/layer_k)."""
   align = experiment.align

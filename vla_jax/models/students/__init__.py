@@ -9,9 +9,9 @@ position layout, its projector, which tower outputs feed it, its checkpoint load
 
 from typing import Dict
 
-from vla_jax.errors import ConfigError
 from vla_jax.models.students import openvla, paligemma
 from vla_jax.models.students.layout import StudentLayout
+from vla_jax.typed_config import registered
 
 LAYOUTS: Dict[str, StudentLayout] = {s.arch: s for s in (
     openvla.LAYOUT,
@@ -21,6 +21,4 @@ LAYOUTS: Dict[str, StudentLayout] = {s.arch: s for s in (
 
 def layout(arch: str) -> StudentLayout:
   """The layout registered as `arch`; ConfigError naming the known ones otherwise."""
-  if arch not in LAYOUTS:
-    raise ConfigError(f"model.arch={arch!r}; expected one of {tuple(LAYOUTS)}.")
-  return LAYOUTS[arch]
+  return registered(LAYOUTS, arch, "model.arch")

@@ -8,9 +8,9 @@ configs/align.py then know it.
 
 from typing import Dict
 
-from vla_jax.errors import ConfigError
 from vla_jax.models.teachers import dinov2, dinov3, radio, siglip, siglip2
 from vla_jax.models.teachers.family import TeacherFamily
+from vla_jax.typed_config import registered
 
 FAMILIES: Dict[str, TeacherFamily] = {f.kind: f for f in (
     siglip.FAMILY,
@@ -23,6 +23,4 @@ FAMILIES: Dict[str, TeacherFamily] = {f.kind: f for f in (
 
 def family(kind: str) -> TeacherFamily:
   """The family registered as `kind`; ConfigError naming the known kinds otherwise."""
-  if kind not in FAMILIES:
-    raise ConfigError(f"teacher.kind={kind!r}; expected one of {tuple(FAMILIES)}.")
-  return FAMILIES[kind]
+  return registered(FAMILIES, kind, "teacher.kind")
