@@ -4,6 +4,9 @@ Usage: `python -m vla_jax.main --config=configs/study.py[:PRESET] --mode=study -
   default  the tiny default recipe (configs/align.py), 3 methods x 3 seeds, 32 episodes
            per environment and run, probes and attention maps (about 100 minutes on 2 CPU
            cores; README, "Does alignment help? (our study)")
+  siglip_teacher  the default with the teacher pretrained on image-caption pairs with
+           SigLIP's sigmoid loss (`vla_jax.train.siglip_pretrain`) instead of locating
+           things; the student's pretraining is shared with the default (same cache)
   smoke    a few steps of every stage and a few episodes, for the test suite
 Every key of configs/align.py can be overridden as there (--config.train.num_steps=...),
 and the study's own under --config.study.* (e.g. --config.study.seeds=0,1).
@@ -19,7 +22,7 @@ import align  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vla_jax import study as study_lib  # pylint: disable=wrong-import-position
 
-PRESETS = ("default", "smoke")
+PRESETS = ("default", "siglip_teacher", "smoke")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -34,6 +37,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                       probe_images_per_object=study.probe_images_per_object,
                       attention_object=study.attention_object,
                       pretrain={}, vlm_pretrain={}, cache_dir="")
+  if preset == "siglip_teacher":
+    config.study.pretrain = dict(teacher_objective="siglip")
   if preset == "smoke":
     # Every stage runs and feeds the next; nothing here is meant to be a result.
     config.study.seeds = (0,)

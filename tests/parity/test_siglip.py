@@ -222,3 +222,32 @@ def test_timm_siglip_at_another_resolution(tmp_path):
     config = _timm_config(depth=2, image_size=size)
     _, out = _run(config, siglip.load_timm_siglip(path, config), images)
     _assert_close(out["encoded"], ref, f"encoded at {size} px")
+
+
+def test_sigmoid_loss_equals_transformers_siglip_loss():
+  """`train.siglip_pretrain.sigmoid_loss` is transformers' SiglipModel(return_loss=True)."""
+  from vla_jax.train import siglip_pretrain  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = SiglipConfig(
+      text_config=dict(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=4, intermediate_size=64,
+                       max_position_embeddings=12),
+      vision_config=dict(HF_TOWER, num_hidden_layers=1))
+  model = SiglipModel(config).eval()
+  with torch.no_grad():  # a scale and bias where both the pairs and the rest matter
+    model.logit_scale.fill_(1.7)
+    model.logit_bias.fill_(-1.3)
+  batch = 6
+  pixels = torch.randn(batch, 3, 32, 32)
+  ids = torch.randint(0, 50, (batch, 12))
+  with torch.no_grad():
+    out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+  ours = siglip_pretrain.sigmoid_loss(
+      to_numpy(out.image_embeds) * 3.0,  # unnormalised: ours normalises itself
+      to_numpy(out.text_embeds), np.float32(1.7), np.float32(-1.3))
+  np.testing.assert_allclose(float(ours), float(out.loss), rtol=1e-5)
+  # Matching pairs matter: swapping two captions changes the loss.
+  swapped = siglip_pretrain.sigmoid_loss(to_numpy(out.image_embeds),
+                                         to_numpy(out.text_embeds)[[1, 0, 2, 3, 4, 5]],
+                                         np.float32(1.7), np.float32(-1.3))
+  assert abs(float(swapped) - float(ours)) > 1e-3

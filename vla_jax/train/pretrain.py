@@ -18,7 +18,9 @@ content (all objects, receptacles, tables, backgrounds, blend textures, arm pose
     the visual tokens, so what the mean carries is what fine-tuning can use from step one
     (without these targets the fine-tuned policy still ignored the image).
 Labels come from the simulator's state through the camera model (`sim.render.project`);
-no demonstration action is used. The heads are thrown away afterwards.
+no demonstration action is used. The heads are thrown away afterwards. The teacher can
+instead learn the way SigLIP did, from image-caption pairs with a sigmoid loss
+(`PretrainConfig.teacher_objective="siglip"`, `vla_jax.train.siglip_pretrain`).
 
 `ensure_pretrained(experiment)` builds both checkpoints on first use (rendering the data
 once) and caches them by a hash of the architecture and `PretrainConfig`: the student's
@@ -44,9 +46,10 @@ import numpy as np
 import optax
 import tqdm
 
-from vla_jax.errors import CheckpointError
+from vla_jax.errors import CheckpointError, ConfigError
 from vla_jax.experiment import Experiment
 from vla_jax.text import Tokenizer
+from vla_jax.train import siglip_pretrain
 from vla_jax.weights import npz
 
 VERSION = 3  # bump when the data, labels or objective change (3: the expert's 8 mm XY_TOL)
@@ -58,6 +61,9 @@ NUM_GLOBAL = 4 + 2 * NUM_KEYPOINTS + 4
 PRETRAIN_SPLITS = ("train", "carrot", "plate", "multi_plate", "vision_img", "tex03",
                    "whole03", "position", "ee_pose")
 RENDER_SEED_BASE = 3_000_000  # render seeds, disjoint from demos and evaluation episodes
+TEACHER_OBJECTIVES = ("keypoints", "siglip")
+TEACHER_EXTRA_SPLITS = ("vlthink_shape", "vlthink_colour", "vlthink_arrow", "vlthink_parity",
+                        "vlthink_sign", "vlthink_weather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,11 @@ class PretrainConfig:
     episodes_per_split, frames_per_episode: how many renders (random steps per episode).
     steps, batch_size, learning_rate, warmup_steps: AdamW with warmup + cosine decay.
     seed: data and initialisation seed.
+    teacher_objective: how the teacher tower learns: "keypoints" (the heads above, as the
+      student's vision) or "siglip" (`vla_jax.train.siglip_pretrain`: image-caption pairs
+      with SigLIP's sigmoid loss, as big_vision trains SigLIP).
+    teacher_extra_splits: splits the "siglip" teacher renders on top of `splits`
+      (default: every VL-Think family, so the teacher sees every symbol).
   """
   splits: Tuple[str, ...] = PRETRAIN_SPLITS
   episodes_per_split: int = 200
@@ -78,12 +89,36 @@ class PretrainConfig:
   learning_rate: float = 2e-3
   warmup_steps: int = 100
   seed: int = 0
+  teacher_objective: str = "keypoints"
+  teacher_extra_splits: Tuple[str, ...] = TEACHER_EXTRA_SPLITS
+
+  def __post_init__(self):
+    if self.teacher_objective not in TEACHER_OBJECTIVES:
+      raise ConfigError(f"teacher_objective={self.teacher_objective!r} is not one of "
+                        f"{', '.join(TEACHER_OBJECTIVES)}.")
+
+  def student_setup(self) -> Dict[str, Any]:
+    """The settings the student's pretraining depends on (hashed into its cache key)."""
+    setup = dataclasses.asdict(self)
+    del setup["teacher_objective"], setup["teacher_extra_splits"]
+    return setup
+
+  def teacher_setup(self) -> Dict[str, Any]:
+    """The settings the teacher's depends on (keypoint teachers hash as before the option)."""
+    setup = self.student_setup()
+    if self.teacher_objective != "keypoints":
+      setup.update(teacher_objective=self.teacher_objective,
+                   teacher_extra_splits=self.teacher_extra_splits)
+    return setup
 
 
 # ------------------------------------------------------------------------------- data
-def render_keypoint_data(config: PretrainConfig, image_size: int
+def render_keypoint_data(config: PretrainConfig, image_size: int, first_index: int = 0
                          ) -> Dict[str, np.ndarray]:
   """Renders expert-episode frames with their labels.
+
+  Split i of `config.splits` renders episodes of seeds RENDER_SEED_BASE + 10_000 *
+  (first_index + i) + 1_000 * config.seed + [0, episodes_per_split).
 
   Returns:
     {"images": uint8 [N, S, S, 3], "keypoints": float32 [N, 4, 2] image coordinates
@@ -91,7 +126,9 @@ def render_keypoint_data(config: PretrainConfig, image_size: int
      [N, NUM_GLOBAL] (module docstring), each target scaled to roughly unit range}, and the
     scene in world units for question answering (`vla_jax.train.vlm_pretrain`):
     "object_xy", "receptacle_xy" [N, 2] (m), "effector" [N, 3] (m), "gripper" (opening),
-    "holding" (0/1), "yaw_error" (rad) [N], "object_name", "receptacle_name" str [N].
+    "holding" (0/1), "yaw_error" (rad) [N], "object_name", "receptacle_name",
+    "other_objects", "other_receptacles" ("|"-joined), "table_name", "background_name"
+    str [N].
   """
   from vla_jax.sim import catalogue, env, rollout  # pylint: disable=g-import-not-at-top
   from vla_jax.sim import render as render_lib  # pylint: disable=g-import-not-at-top
@@ -99,7 +136,7 @@ def render_keypoint_data(config: PretrainConfig, image_size: int
   parts = []
   for index, split in enumerate(tqdm.tqdm(config.splits, desc="pretrain renders",
                                           leave=False)):
-    start = RENDER_SEED_BASE + 10_000 * index + config.seed * 1_000
+    start = RENDER_SEED_BASE + 10_000 * (first_index + index) + config.seed * 1_000
     keys = rollout.seed_keys(range(start, start + config.episodes_per_split))
     _, traj = rollout.expert_episodes(keys, split, render=False)
     lengths = np.asarray(traj["active"]).sum(axis=1)
@@ -140,8 +177,25 @@ def render_keypoint_data(config: PretrainConfig, image_size: int
                   "yaw_error": np.asarray(yaw_error, np.float32),
                   "object_name": np.asarray([catalogue.OBJECTS[i].name for i in object_ids]),
                   "receptacle_name": np.asarray([env.receptacle_name(spec, int(i))
-                                                 for i in receptacle_ids])})
+                                                 for i in receptacle_ids]),
+                  **_scene_names(spec, states)})
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _scene_names(spec: Any, states: Any) -> Dict[str, np.ndarray]:
+  """Names of what else a frame shows (for `siglip_pretrain` captions): str [N] each."""
+  from vla_jax.sim import catalogue, env  # pylint: disable=g-import-not-at-top
+  rec_ids, targets = np.asarray(states.rec_id), np.asarray(states.target_rec)
+  others = lambda ids, skip: "|".join(n for j, n in enumerate(ids) if j != skip)
+  texture = lambda ids: np.asarray([catalogue.TEXTURES[int(i)].name for i in ids])
+  return {
+      "other_receptacles": np.asarray([
+          others([env.receptacle_name(spec, int(i)) for i in row], int(target))
+          for row, target in zip(rec_ids, targets)]),
+      "other_objects": np.asarray([others([catalogue.OBJECTS[int(i)].name for i in row], 0)
+                                   for row in np.asarray(states.obj_id)]),
+      "table_name": texture(np.asarray(states.table_tex)),
+      "background_name": texture(np.asarray(states.background_tex))}
 
 
 # ------------------------------------------------------------------------------- objective
@@ -350,15 +404,16 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
   from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
   from vla_jax.weights import siglip as siglip_weights  # pylint: disable=g-import-not-at-top
   root = os.path.join(bundled.cache_root(cache_dir), "pretrained")
-  setup = dataclasses.asdict(config)
+  setup = config.student_setup()
   # Hashed in the layout it had before the teacher registry ({kind, vit, dino, layer}),
   # so the teachers already cached stay valid.
   teacher_config = {"dino": None, **experiment.teacher.to_mapping()}
+  teacher_digest = _digest(teacher_config, experiment.model.grid, config.teacher_setup())
   paths = {
       "student_vision": os.path.join(
           root, f"student_vision_{_digest(_vision_config(experiment), setup)}.npz"),
       "teacher": "" if experiment.teacher.kind != "siglip" else os.path.join(
-          root, f"teacher_{_digest(teacher_config, experiment.model.grid, setup)}.npz"),
+          root, f"teacher_{teacher_digest}.npz"),
   }
   vlm_config = vlm_config or vlm_pretrain.VLMPretrainConfig()
   tokenizer_path = bundled.bundled_tokenizer_path(cache_dir)
@@ -404,8 +459,21 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
     if "teacher" in missing:
       encode = lambda p, images: models.teacher.apply(
           {"params": p}, images, grid, experiment.align.grid_match)
-      teacher, metrics = pretrain_tokens(encode, params["teacher"], data, grid, config,
-                                         desc="pretrain teacher", progress=progress)
+      if config.teacher_objective == "siglip":
+        captioned = data
+        if config.teacher_extra_splits:
+          extra = render_keypoint_data(dataclasses.replace(
+              config, splits=config.teacher_extra_splits), experiment.model.image_size,
+                                       first_index=len(config.splits))
+          captioned = {k: np.concatenate([data[k], extra[k]]) for k in data}
+        teacher, metrics = siglip_pretrain.pretrain_siglip(
+            encode, params["teacher"], experiment.teacher.tower, captioned,
+            Tokenizer.from_path(tokenizer_path), config, progress=progress)
+      else:
+        teacher, metrics = pretrain_tokens(encode, params["teacher"], data, grid, config,
+                                           desc="pretrain teacher", progress=progress)
+      with open(metrics_path(paths["teacher"]), "w") as f:
+        json.dump(metrics, f, indent=1)
       logging.info("Teacher pretrained: held-out %s", metrics)
       siglip_weights.save_big_vision(os.path.join(tmp, "teacher.npz"),
                                      jax.device_get(teacher["tower"]))
