@@ -76,7 +76,7 @@ def test_main_turns_bad_input_into_one_error_line(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", argv)  # config overrides are read from sys.argv
   flags.FLAGS(argv)
   try:
-    with pytest.raises(SystemExit, match="^error: No checkpoint at"):
+    with pytest.raises(SystemExit, match="^error: weights.student='.*missing' does not exist"):
       main_lib.main(argv)
   finally:
     flags.FLAGS.unparse_flags()
@@ -91,7 +91,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
        "--config.weights.teacher="],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "error: No checkpoint at" in result.stderr
+  assert "error: weights.student=" in result.stderr and "does not exist" in result.stderr
   assert "Traceback" not in result.stderr
 
 

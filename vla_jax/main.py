@@ -46,6 +46,7 @@ from vla_jax import experiment as experiment_lib
 from vla_jax import modeling
 from vla_jax import text as text_lib
 from vla_jax.errors import VlaJaxError
+from vla_jax.run_config import parse_run_config
 from vla_jax.train import checkpoint as train_checkpoint
 from vla_jax.train import loop
 from vla_jax.weights import convert as convert_lib
@@ -186,6 +187,8 @@ def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
+    if _MODE.value in ("train", "study", "describe", "convert"):
+      parse_run_config(config)  # every section checked before anything is built
     if _MODE.value == "train":
       summary = loop.train(config, workdir)
       print(json.dumps(summary, indent=2))

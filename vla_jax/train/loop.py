@@ -32,7 +32,8 @@ from vla_jax import modeling
 from vla_jax.actions import ActionTokenizer
 from vla_jax.data import pipeline as data_lib
 from vla_jax.errors import CheckpointError, ConfigError, DivergenceError, TrainingStopped
-from vla_jax.experiment import Experiment, parse_config
+from vla_jax.experiment import Experiment
+from vla_jax.run_config import parse_run_config
 from vla_jax.text import Tokenizer
 from vla_jax.train import checkpoint as ckpt_lib
 from vla_jax.train import sharding as sharding_lib
@@ -243,33 +244,6 @@ def disk_full_error(workdir: str, step: int, manager) -> CheckpointError:
                          f"was writing (checkpoint or metrics) at step {step}: {resume}.")
 
 
-CHECKPOINT_PARAMS = ("auto", "always", "never")
-
-
-def checkpoint_params(config: Any, experiment: Experiment) -> bool:
-  """Whether each checkpoint also holds the merged inference params (`checkpoint_params`:
-  "auto" = all but LoRA runs, whose merged weights would be a second full copy of the
-  model per step; they are rebuilt from the factors and base weights on load)."""
-  value = config.get("checkpoint_params", "auto")
-  if value not in CHECKPOINT_PARAMS:
-    raise ConfigError(f"config.checkpoint_params={value!r}: choose one of "
-                      f"{', '.join(CHECKPOINT_PARAMS)} (auto: every run but LoRA runs saves "
-                      "the merged inference params with each checkpoint).")
-  return value == "always" or (value == "auto" and experiment.lora is None)
-
-
-def check_intervals(config: Any) -> None:
-  """log_every / checkpoint_every >= 1, eval_every >= 0 (0 = off), eval_batches >= 1."""
-  for key, low, meaning in (("log_every", 1, "log every N steps"),
-                            ("checkpoint_every", 1, "save every N steps; the last step is "
-                             "always saved"),
-                            ("eval_every", 0, "0 turns periodic evaluation off"),
-                            ("eval_batches", 1, "validation batches per evaluation")):
-    value = config.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise ConfigError(f"config.{key}={value!r}: must be an integer >= {low} ({meaning}).")
-
-
 def train(config: Any, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes) the experiment in `config` under `workdir`; returns a summary.
 
@@ -285,39 +259,12 @@ def train(config: Any, workdir: str) -> Dict[str, Any]:
 RUN_CONFIG_FILE = "run_config.json"
 
 
-def run_record(config: Any, experiment: Experiment, train_config: state_lib.TrainConfig,
-               sharding_config: sharding_lib.ShardingConfig,
-               data_config: data_lib.DataConfig) -> Dict[str, Any]:
-  """Every section of a run as it was parsed and resolved, JSON-ready.
-
-  The typed sections (model, teacher, align, lora after the train overrides; train,
-  sharding and data with every default filled in and the data sources resolved) plus the
-  plain ones as given (weights, eval, tokenizer, seed, logging and checkpoint intervals):
-  what `workdir/run_config.json` and each checkpoint's `assets["run_config"]` hold.
-  """
-  record = {**ckpt_lib.experiment_to_config(experiment),
-            "train": dataclasses.asdict(train_config),
-            "sharding": dataclasses.asdict(sharding_config),
-            "data": dataclasses.asdict(data_config)}
-  for key, value in config.to_dict().items():
-    record.setdefault(key, value)
-  return ckpt_lib.jsonable(record)
-
-
 def _train(config: Any, workdir: str) -> Dict[str, Any]:
   # (1) Typed configs, validated before anything compiles.
-  experiment = parse_config(config)
-  if config.weights.student == modeling.BUNDLED and config.tokenizer != modeling.BUNDLED:
-    raise ConfigError("weights.student='bundled' was pretrained with the bundled tokenizer "
-                      f"(its ids mean those words), but config.tokenizer={config.tokenizer!r}. "
-                      "Set config.tokenizer='bundled', or train another student.")
-  train_config = from_mapping(state_lib.TrainConfig, config.train, "train")
-  ckpt_lib.check_retention(config.keep_checkpoints, config.keep_period)
-  check_intervals(config)
-  with_params = checkpoint_params(config, experiment)  # bad values fail before compiling
-  sharding_config = from_mapping(sharding_lib.ShardingConfig, config.sharding, "sharding")
-  experiment = state_lib.apply_train_overrides(experiment, train_config)
-  state_lib.check_compatible(experiment, train_config)
+  run = parse_run_config(config)
+  experiment, train_config = run.train_experiment, run.train
+  sharding_config, schedule = run.sharding, run.schedule
+  with_params = schedule.with_params(experiment)
   mesh = sharding_lib.make_mesh(sharding_config)
   sharding_lib.check_batch_size(train_config.batch_size, mesh, train_config.grad_accum_steps)
 
@@ -335,7 +282,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   # initialised; the state is then built from those (donated) shards.
   models = modeling.build_models(experiment)
   params = modeling.create_params(
-      models, experiment, config.weights, jax.random.key(train_config.seed),
+      models, experiment, dataclasses.asdict(run.weights), jax.random.key(train_config.seed),
       sharding_lib.tree_shardings(modeling.abstract_params(models, experiment), mesh,
                                   sharding_config))
   (state, frozen), (state_sharding, frozen_sharding) = sharding_lib.sharded_init(
@@ -347,9 +294,9 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   # (4) Resume.
   os.makedirs(workdir, exist_ok=True)
   manager = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"),
-                                  max_to_keep=config.keep_checkpoints,
-                                  keep_period=config.keep_period or None)
-  ckpt_lib.check_resume_config(manager, experiment, config.get("preset", ""),
+                                  max_to_keep=schedule.keep_checkpoints,
+                                  keep_period=schedule.keep_period or None)
+  ckpt_lib.check_resume_config(manager, experiment, run.preset,
                                ckpt_lib.train_layout(train_config))
   state, _, data_state = ckpt_lib.maybe_restore(manager, state, state_sharding)
   iterator = data_lib.make_iterator(data_config, state=data_state)
@@ -363,12 +310,11 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
                                                 "normalization": data_config.normalization},
                                        "state_stats": state_stats,
                                        "train_layout": ckpt_lib.train_layout(train_config),
-                                       "preset": config.get("preset", ""),
-                                       "run_config": run_record(config, experiment,
-                                                                train_config, sharding_config,
-                                                                data_config)})
+                                       "preset": run.preset,
+                                       "run_config": run.record(data_config)})
   if not with_params:  # what rebuilds the policy from the saved factors
-    assets["base"] = ckpt_lib.base_record(config.weights, train_config.seed, train_config,
+    assets["base"] = ckpt_lib.base_record(dataclasses.asdict(run.weights), train_config.seed,
+                                          train_config,
                                           frozen["student"])
   if jax.process_index() == 0:  # one writer per file on a shared multi-host workdir
     with open(os.path.join(workdir, "norm_stats.json"), "w") as f:
@@ -395,7 +341,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
   def evaluate() -> Dict[str, float]:
     val_iter: Iterator = data_lib.make_iterator(val_config, train=False)
     totals: Dict[str, list] = {}
-    for _ in range(config.eval_batches):
+    for _ in range(schedule.eval_batches):
       batch = sharding_lib.shard_batch(to_train_batch(next(val_iter)), mesh)
       for k, v in jax.device_get(eval_step(state, frozen, batch)).items():
         totals.setdefault(k, []).append(float(v))
@@ -424,8 +370,8 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
           done = step_number + 1
           stopping = stop.received is not None  # read once: a signal may land mid-iteration
           is_last = done == train_config.num_steps
-          is_log = done % config.log_every == 0 or is_last
-          is_save = done % config.checkpoint_every == 0 or is_last or stopping
+          is_log = done % schedule.log_every == 0 or is_last
+          is_save = done % schedule.checkpoint_every == 0 or is_last or stopping
           # The streak is read from the device only when the host syncs anyway, or once
           # every max_nonfinite steps (the longest streak is kept, so none is missed).
           if is_log or is_save or done % max_nonfinite == 0:
@@ -440,7 +386,7 @@ def _train(config: Any, workdir: str) -> Dict[str, Any]:
             metrics["throughput/steps_per_s"] = steps / elapsed
             metrics["throughput/frames_per_s"] = steps * train_config.batch_size / elapsed
             tick = time.perf_counter()
-            if config.eval_every and (done % config.eval_every == 0 or is_last):
+            if schedule.eval_every and (done % schedule.eval_every == 0 or is_last):
               metrics.update(evaluate())
             writer.write(done, metrics)
             last = metrics

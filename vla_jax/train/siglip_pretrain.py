@@ -32,7 +32,7 @@ from vla_jax.models import vit as vit_lib
 from vla_jax.text import Tokenizer
 
 TEXT_DEPTH = 2  # blocks of the text tower (width and heads are the image tower's)
-MAX_CAPTION_TOKENS = 112  # the bundled tokenizer spends ~2.5 characters per token
+MAX_CAPTION_TOKENS = 144  # the bundled tokenizer spends ~2.5 characters per token
 INIT_TEMPERATURE = float(np.log(10.0))  # big_vision's SigLIP initialisation
 INIT_BIAS = -10.0
 
