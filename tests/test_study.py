@@ -183,3 +183,12 @@ def test_study_config_rejects_what_it_cannot_run():
     study_lib.StudyConfig(methods="sft,lora")
   with pytest.raises(ConfigError, match="configs/study.py"):
     study_lib.run_study(load_config(REPO / "configs" / "align.py"), "/nonexistent")
+
+
+def test_siglip_teacher_preset_pretrains_the_teacher_on_captions():
+  from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
+  config = load_config(REPO / "configs" / "study.py", "siglip_teacher")
+  study = from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study")
+  setup = from_mapping(pretrain.PretrainConfig, dict(study.pretrain), "study.pretrain")
+  assert setup.teacher_objective == "siglip"
+  assert dict(study.vlm_pretrain) == {}  # the student's pretraining is the default's
