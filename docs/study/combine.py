@@ -1,15 +1,19 @@
 """Pools study runs made by separate `--mode=study` invocations into one report.
 
-The 6000-step study ran one seed per session (each session's machine starts empty), so
-its runs live in several places: `docs/study_6k/runs/<method>_seed<k>/results.json`
-(copied from each study directory). This script reads every such file, computes the
-study's numbers with `vla_jax.study.summarize` (the function `--mode=study` uses: the
-same per-environment means, axis means and one-sided paired Wilcoxon tests over
-(seed, episode) pairs) and writes `compare.md` and `summary.json` beside it. Probes are
-taken from each study directory's `probe.json` when it was copied here as
-`probe_seed<k>.json`.
+The 6000-step study ran one seed (or method) per session, since each session's machine
+starts empty, so its runs live in several study directories. Each run's episode records
+are copied here as `docs/study/runs/<method>_seed<k>/results.json`, each directory's
+probe results as `probe_seed<k>.json` (or `probe_<name>.json`). This script reads them,
+computes the study's numbers with `vla_jax.study.summarize` (the function `--mode=study`
+uses: per-environment means, axis means, one-sided paired Wilcoxon tests over
+(seed, episode) pairs) and writes `compare.md` and `summary.json` beside it.
 
-  python docs/study_6k/combine.py
+Runs of the teacher variant (`configs/study.py:siglip_teacher`, Align with a teacher
+pretrained on image-caption pairs) are under `siglip_teacher/runs/align_seed<k>/`; they are
+compared with SFT and with the default Align on the seeds they share, in
+`siglip_teacher/compare.md` and `siglip_teacher/summary.json`.
+
+  python docs/study/combine.py
 """
 
 import glob
@@ -23,34 +27,71 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 from vla_jax import study as study_lib  # noqa: E402
 
+COMMAND = "python docs/study/combine.py"
 
-def main() -> None:
+
+def read_runs(folder: str) -> dict:
   evals = {}
-  for path in sorted(glob.glob(os.path.join(HERE, "runs", "*_seed*", "results.json"))):
-    name = os.path.basename(os.path.dirname(path))
+  for path in sorted(glob.glob(os.path.join(folder, "runs", "*_seed*", "results.json"))):
     with open(path) as f:
-      evals[name] = json.load(f)
+      evals[os.path.basename(os.path.dirname(path))] = json.load(f)
+  return evals
+
+
+def read_probes(folder: str) -> dict:
+  probe = {}
+  for path in sorted(glob.glob(os.path.join(folder, "probe_*.json"))):
+    with open(path) as f:
+      probe.update(json.load(f)["results"])
+  return probe
+
+
+def pooled(evals: dict, probe: dict) -> dict:
+  """`study.summarize` over every run in `evals` (methods x seeds found there)."""
   runs = [re.fullmatch(r"(\w+)_seed(\d+)", name).groups() for name in evals]
   methods = tuple(m for m in study_lib.METHODS if any(m == r[0] for r in runs))
   seeds = tuple(sorted({int(s) for _, s in runs}))
-  splits = tuple(next(iter(evals.values()))["splits"])
-  probe = {}
-  for path in sorted(glob.glob(os.path.join(HERE, "probe_seed*.json"))):
-    with open(path) as f:
-      probe.update(json.load(f)["results"])
-  study = study_lib.StudyConfig(methods=methods, seeds=seeds, eval_splits=splits,
-                                eval_episodes=len(evals[f"{methods[0]}_seed{seeds[0]}"]
-                                                  ["splits"]["train"]["success"]))
-  summary = {"command": "python docs/study_6k/combine.py", "wall_clock_s": 0.0,
-             "runs": sorted(evals), **study_lib.summarize(study, evals, probe)}
-  with open(os.path.join(HERE, "summary.json"), "w") as f:
+  first = next(iter(evals.values()))
+  study = study_lib.StudyConfig(methods=methods, seeds=seeds,
+                                eval_splits=tuple(first["splits"]),
+                                eval_episodes=len(first["splits"]["train"]["success"]))
+  return {"command": COMMAND, "wall_clock_s": 0.0, "runs": sorted(evals),
+          **study_lib.summarize(study, evals, probe)}
+
+
+def write(folder: str, summary: dict, title: str = "") -> str:
+  with open(os.path.join(folder, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   report = study_lib.report_markdown(summary)
   report = report.replace("![axis means](axes.png) ![probe](probe.png) ![attention]"
                           "(attention.png)", "")
-  with open(os.path.join(HERE, "compare.md"), "w") as f:
+  if title:
+    report = f"{title}\n\n{report}"
+  with open(os.path.join(folder, "compare.md"), "w") as f:
     f.write(report)
-  print(report)
+  return report
+
+
+def main() -> None:
+  evals = read_runs(HERE)
+  print(write(HERE, pooled(evals, read_probes(HERE))))
+  variant_dir = os.path.join(HERE, "siglip_teacher")
+  variant = read_runs(variant_dir)
+  if not variant:
+    return
+  seeds = sorted(int(re.search(r"seed(\d+)", n).group(1)) for n in variant)
+  # The variant's Align runs take Align's place; SFT (and Freeze) of the same seeds stay.
+  shared = {n: r for n, r in evals.items()
+            if not n.startswith("align_") and int(re.search(r"seed(\d+)", n).group(1)) in seeds}
+  summary = pooled({**shared, **variant}, read_probes(variant_dir))
+  default_align = pooled({n: r for n, r in evals.items()
+                          if int(re.search(r"seed(\d+)", n).group(1)) in seeds}, {})
+  summary["default_align_on_these_seeds"] = {
+      "in_distribution_success": default_align["in_distribution_success"].get("align"),
+      "method_axis_means": default_align["method_axis_means"].get("align")}
+  print(write(variant_dir, summary, "Align with the image-text (SigLIP-style) teacher "
+              "(`configs/study.py:siglip_teacher`) in Align's column; SFT and Freeze are the "
+              "default study's runs of the same seeds."))
 
 
 if __name__ == "__main__":
