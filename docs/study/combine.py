@@ -6,7 +6,8 @@ are copied here as `docs/study/runs/<method>_seed<k>/results.json`, each directo
 probe results as `probe_seed<k>.json` (or `probe_<name>.json`). This script reads them,
 computes the study's numbers with `vla_jax.study.summarize` (the function `--mode=study`
 uses: per-environment means, axis means, one-sided paired Wilcoxon tests over
-(seed, episode) pairs) and writes `compare.md` and `summary.json` beside it.
+(seed, episode) pairs) and writes `compare.md`, `summary.json`, `axes.png` and
+`probe.png` beside it.
 
 Runs of the teacher variant (`configs/study.py:siglip_teacher`, Align with a teacher
 pretrained on image-caption pairs) are under `siglip_teacher/runs/align_seed<k>/`; they are
@@ -59,12 +60,23 @@ def pooled(evals: dict, probe: dict) -> dict:
           **study_lib.summarize(study, evals, probe)}
 
 
+def recorded_seconds(folder: str) -> dict:
+  """Stage seconds of each study directory copied under `folder` (`*study*/study_state.json`)."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(folder, "*study*", "study_state.json"))):
+    with open(path) as f:
+      out[os.path.basename(os.path.dirname(path))] = sum(json.load(f)["seconds"].values())
+  return out
+
+
 def write(folder: str, summary: dict, title: str = "") -> str:
   with open(os.path.join(folder, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  study_lib.plot_axes(summary, os.path.join(folder, "axes.png"))
+  study_lib.plot_probe(summary, os.path.join(folder, "probe.png"))
   report = study_lib.report_markdown(summary)
   report = report.replace("![axis means](axes.png) ![probe](probe.png) ![attention]"
-                          "(attention.png)", "")
+                          "(attention.png)", "![axis means](axes.png) ![probe](probe.png)")
   if title:
     report = f"{title}\n\n{report}"
   with open(os.path.join(folder, "compare.md"), "w") as f:
@@ -74,7 +86,13 @@ def write(folder: str, summary: dict, title: str = "") -> str:
 
 def main() -> None:
   evals = read_runs(HERE)
-  print(write(HERE, pooled(evals, read_probes(HERE))))
+  summary = pooled(evals, read_probes(HERE))
+  seconds = recorded_seconds(HERE)
+  summary["wall_clock_s"] = sum(seconds.values())
+  summary["wall_clock_by_invocation"] = {
+      **seconds, "note": "stage seconds recorded by the study directories copied here; "
+      "seed 0's SFT and Align ran in an earlier session whose stage times were not kept"}
+  print(write(HERE, summary))
   variant_dir = os.path.join(HERE, "siglip_teacher")
   variant = read_runs(variant_dir)
   if not variant:
