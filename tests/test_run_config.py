@@ -78,3 +78,16 @@ def test_unknown_top_level_key_is_refused():
   config.log_evry = 5
   with pytest.raises(ConfigError, match=r"Unknown top-level config key\(s\) \['log_evry'\]"):
     parse_run_config(config)
+
+
+def test_data_section_is_typed_without_building_the_bundled_dataset(tmp_path, monkeypatch):
+  monkeypatch.setenv("VLA_JAX_CACHE", str(tmp_path))  # an empty cache: nothing may be built
+  run = parse_run_config(get_config("tiny"))
+  assert run.data.sources[0].name == "tabletop" and run.data.sources[0].data_dir == ""
+  assert run.data.global_batch_size == run.train.batch_size
+  assert list(tmp_path.iterdir()) == []
+  config = get_config("tiny")
+  config.data.shuffle_bufer = 10
+  with pytest.raises(ConfigError, match=r"'data.shuffle_bufer' \(did you mean "
+                     r"'data.shuffle_buffer'\?\)"):
+    parse_run_config(config)

@@ -5,14 +5,15 @@ receives into a `RunConfig`: the typed experiment (model, teacher, align, lora),
 sharding, weights, eval, schedule (logging, evaluation and checkpoint intervals and
 retention), tokenizer and seed. It runs before anything is built or compiled, and every
 error names the path the user typed (`weights.student_format`, `eval.seeds`,
-`checkpoint_every`). The data section stays a mapping here: resolving it may build the
-bundled dataset (`train.loop.resolve_data`). `RunConfig.record(data)` is what a run writes
-to `run_config.json` and into each checkpoint's assets.
+`checkpoint_every`, `data.shuffle_buffer`). The data section is typed without building the
+bundled dataset or tokenizer it may name (`train.loop.resolve_data(build=False)`); the
+train loop resolves it. `RunConfig.record(data)` is what a run writes to
+`run_config.json` and into each checkpoint's assets.
 """
 
 import dataclasses
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 from vla_jax.errors import ConfigError
 from vla_jax.eval.config import EvalConfig, eval_config
@@ -138,7 +139,7 @@ class RunConfig:
   tokenizer: str
   seed: int
   preset: str
-  data: Mapping[str, Any]
+  data: Any  # data.pipeline.DataConfig, bundled dataset / tokenizer not yet built ("")
 
   def record(self, data: Optional[Any] = None) -> Dict[str, Any]:
     """JSON-ready: every section as parsed (and the data config as resolved, if given)."""
@@ -147,7 +148,8 @@ class RunConfig:
         **checkpoint.experiment_to_config(self.train_experiment),
         "train": dataclasses.asdict(self.train),
         "sharding": dataclasses.asdict(self.sharding),
-        "data": dataclasses.asdict(data) if data is not None else dict(self.data),
+        "data": dataclasses.asdict(data if data is not None else self.data)
+                if (data or self.data) is not None else None,
         "weights": dataclasses.asdict(self.weights),
         "eval": dataclasses.asdict(self.eval),
         **dataclasses.asdict(self.schedule),
@@ -183,7 +185,11 @@ def parse_run_config(config: Any) -> RunConfig:
           f"seed={seed!r}: must be an integer.")
   train_experiment = state_lib.apply_train_overrides(experiment, train)
   state_lib.check_compatible(train_experiment, train)
+  data = None
+  if "data" in config:
+    from vla_jax.train import loop  # pylint: disable=g-import-not-at-top
+    data = loop.resolve_data(config, train_experiment, train, build=False)
   return RunConfig(experiment=experiment, train_experiment=train_experiment, train=train,
                    sharding=sharding, weights=weights, eval=eval_config(config),
                    schedule=schedule, tokenizer=tokenizer, seed=seed,
-                   preset=config.get("preset", "") or "", data=_section(config, "data"))
+                   preset=config.get("preset", "") or "", data=data)

@@ -46,13 +46,14 @@ BUNDLED = "bundled"
 
 
 # ----------------------------------------------------------------------------- data
-def resolve_data(config: Any, experiment: Experiment, train_config: state_lib.TrainConfig
-                 ) -> data_lib.DataConfig:
+def resolve_data(config: Any, experiment: Experiment, train_config: state_lib.TrainConfig,
+                 build: bool = True) -> data_lib.DataConfig:
   """The DataConfig of a run: fills the bundled dataset / tokenizer and shared sizes.
 
   `train.batch_size` and `model.image_size` are the single source of the batch size and
   resolution; `data_dir=""` on the `tabletop` source and `tokenizer="bundled"` mean the
-  bundled dataset and its tokenizer (built on first use, cached).
+  bundled dataset and its tokenizer (built on first use, cached). `build=False` checks
+  and types the section without building them (they stay "" / "bundled").
   """
   data = dict(config.data.to_dict() if hasattr(config.data, "to_dict") else config.data)
   sources = []
@@ -62,11 +63,12 @@ def resolve_data(config: Any, experiment: Experiment, train_config: state_lib.Tr
       if source.get("name") != "tabletop":
         raise ConfigError(f"data source {source.get('name')!r} needs a data_dir; only the "
                           "bundled 'tabletop' dataset is found automatically.")
-      from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
-      source["data_dir"] = bundled.bundled_dataset_dir()
+      if build:
+        from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
+        source["data_dir"] = bundled.bundled_dataset_dir()
     sources.append(source)
   tokenizer = config.tokenizer
-  if tokenizer == BUNDLED:
+  if tokenizer == BUNDLED and build:
     from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
     tokenizer = bundled.bundled_tokenizer_path()
   for key in ("global_batch_size", "image_size", "tokenizer", "seed"):
