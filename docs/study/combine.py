@@ -63,7 +63,8 @@ def pooled(evals: dict, probe: dict) -> dict:
 def recorded_seconds(folder: str) -> dict:
   """Stage seconds of each study directory copied under `folder` (`*study*/study_state.json`)."""
   out = {}
-  for path in sorted(glob.glob(os.path.join(folder, "*study*", "study_state.json"))):
+  for path in sorted(glob.glob(os.path.join(folder, "*study*", "study_state.json")) +
+                     glob.glob(os.path.join(folder, "study_state.json"))):
     with open(path) as f:
       out[os.path.basename(os.path.dirname(path))] = sum(json.load(f)["seconds"].values())
   return out
@@ -102,6 +103,7 @@ def main() -> None:
   shared = {n: r for n, r in evals.items()
             if not n.startswith("align_") and int(re.search(r"seed(\d+)", n).group(1)) in seeds}
   summary = pooled({**shared, **variant}, read_probes(variant_dir))
+  summary["wall_clock_s"] = sum(recorded_seconds(variant_dir).values())
   default_align = pooled({n: r for n, r in evals.items()
                           if int(re.search(r"seed(\d+)", n).group(1)) in seeds}, {})
   summary["default_align_on_these_seeds"] = {
