@@ -34,7 +34,7 @@ def test_tiny_config_parses_into_typed_sections():
     ("tokenizer", "/some/tokenizer.model", r"weights.student='bundled' was pretrained with the "
      "bundled tokenizer"),
     ("log_every", 0, r"config.log_every=0: must be an integer >= 1"),
-    ("keep_period", -1, r"config.keep_period=-1: must be an integer >= 0"),
+    ("keep_period", -1, r"config.keep_period must be an integer >= 0 .*got -1"),
     ("checkpoint_params", "sometimes", r"config.checkpoint_params='sometimes'"),
     ("eval.seeds", 0, r"eval.seeds must be > 0"),
     ("train.batch_size", 0, r"train.batch_size"),
@@ -91,3 +91,16 @@ def test_data_section_is_typed_without_building_the_bundled_dataset(tmp_path, mo
   with pytest.raises(ConfigError, match=r"'data.shuffle_bufer' \(did you mean "
                      r"'data.shuffle_buffer'\?\)"):
     parse_run_config(config)
+
+
+def test_resolving_a_bundled_teacher_refuses_before_building_anything(tmp_path, monkeypatch):
+  """The API path (`modeling.resolve_bundled_weights`) runs the same check, first."""
+  from vla_jax import modeling  # pylint: disable=g-import-not-at-top
+  from vla_jax.experiment import parse_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("VLA_JAX_CACHE", str(tmp_path))
+  config = get_config("tiny")
+  config.teacher.kind = "dinov2"
+  with pytest.raises(ConfigError, match="exists for SigLIP teachers only"):
+    modeling.resolve_bundled_weights({"student": "bundled", "teacher": "bundled"},
+                                     parse_config(config))
+  assert list(tmp_path.iterdir()) == []

@@ -187,7 +187,7 @@ def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    if _MODE.value in ("train", "study", "describe", "convert"):
+    if _MODE.value in ("study", "describe", "convert"):  # train parses it first itself
       parse_run_config(config)  # every section checked before anything is built
     if _MODE.value == "train":
       summary = loop.train(config, workdir)

@@ -91,6 +91,18 @@ def init_params(models: Models, experiment: Experiment, rng, shardings: Any = No
 BUNDLED = "bundled"
 
 
+def check_bundled_teacher(teacher_format: str, experiment: Experiment) -> None:
+  """ConfigError unless `weights.teacher='bundled'` can be built for this experiment: the
+  CPU-sized pretraining writes a SigLIP tower as a big_vision `.npz`."""
+  if teacher_format != "big_vision":
+    raise ConfigError("weights.teacher='bundled' is a big_vision .npz; set "
+                      "weights.teacher_format='big_vision'.")
+  if experiment.teacher.kind != "siglip":
+    raise ConfigError("weights.teacher='bundled' exists for SigLIP teachers only; this "
+                      f"experiment's teacher is {experiment.teacher.kind!r}. Point "
+                      "weights.teacher at a checkpoint or set it to ''.")
+
+
 def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, Any]:
   """`weights` with "bundled" entries replaced by the cached pretrained checkpoints.
 
@@ -103,16 +115,11 @@ def resolve_bundled_weights(weights: Any, experiment: Experiment) -> Dict[str, A
   wanted = [k for k in ("student_vision", "teacher", "student") if weights.get(k) == BUNDLED]
   if not wanted:
     return weights
-  if "teacher" in wanted and weights.get("teacher_format", "big_vision") != "big_vision":
-    raise ConfigError("weights.teacher='bundled' is a big_vision .npz; set "
-                      "weights.teacher_format='big_vision'.")
+  if "teacher" in wanted:
+    check_bundled_teacher(weights.get("teacher_format", "big_vision"), experiment)
   from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
   built = pretrain.ensure_pretrained(experiment, parts=tuple(wanted))
   for key in wanted:
-    if not built[key]:
-      raise ConfigError(f"weights.{key}='bundled' exists for SigLIP teachers only; this "
-                        f"experiment's teacher is {experiment.teacher.kind!r}. Point "
-                        f"weights.{key} at a checkpoint or set it to ''.")
     weights[key] = built[key]
   if "student" in wanted:
     weights["student_format"] = BUNDLED

@@ -18,9 +18,10 @@ from typing import Any, Dict, Optional
 from vla_jax.errors import ConfigError
 from vla_jax.eval.config import EvalConfig, eval_config
 from vla_jax.experiment import Experiment, parse_config
+from vla_jax.modeling import BUNDLED, check_bundled_teacher
+from vla_jax.train import checkpoint
 from vla_jax.typed_config import from_mapping, require
 
-BUNDLED = "bundled"
 # Formats any student / teacher reads besides the loaders its layout / family registers.
 STUDENT_EXTRA_FORMATS = ("orbax", "export", BUNDLED)
 TEACHER_EXTRA_FORMATS = ("orbax",)
@@ -49,13 +50,7 @@ class WeightsConfig:
   def check(self, experiment: Experiment, tokenizer: str) -> None:
     """ConfigError naming the key for a format the model cannot read or a missing file."""
     if self.teacher == BUNDLED:
-      require(self.teacher_format == "big_vision",
-              "weights.teacher='bundled' is a big_vision .npz; set "
-              "weights.teacher_format='big_vision'.")
-      require(experiment.teacher.kind == "siglip",
-              f"weights.teacher='bundled' exists for SigLIP teachers only; this experiment's "
-              f"teacher is {experiment.teacher.kind!r}. Point weights.teacher at a checkpoint "
-              "or set it to ''.")
+      check_bundled_teacher(self.teacher_format, experiment)
     student_formats = (*experiment.model.layout.loaders, *STUDENT_EXTRA_FORMATS)
     require(self.student_format in student_formats,
             f"weights.student_format={self.student_format!r}: a {experiment.model.arch} "
@@ -96,18 +91,17 @@ class ScheduleConfig:
   eval_every: int = 2_000
   eval_batches: int = 4
   checkpoint_every: int = 2_000
-  keep_checkpoints: int = 3
-  keep_period: int = 0
+  keep_checkpoints: Optional[int] = 3
+  keep_period: Optional[int] = 0
   checkpoint_params: str = "auto"
 
   def __post_init__(self):
+    checkpoint.check_retention(self.keep_checkpoints, self.keep_period)
     for key, low, meaning in (
         ("log_every", 1, "log every N steps"),
         ("checkpoint_every", 1, "save every N steps; the last step is always saved"),
         ("eval_every", 0, "0 turns periodic evaluation off"),
-        ("eval_batches", 1, "validation batches per evaluation"),
-        ("keep_checkpoints", 0, "0 keeps every checkpoint"),
-        ("keep_period", 0, "0 keeps no extra ones")):
+        ("eval_batches", 1, "validation batches per evaluation")):
       value = getattr(self, key)
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"config.{key}={value!r}: must be an integer >= {low} ({meaning}).")
@@ -143,13 +137,12 @@ class RunConfig:
 
   def record(self, data: Optional[Any] = None) -> Dict[str, Any]:
     """JSON-ready: every section as parsed (and the data config as resolved, if given)."""
-    from vla_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    data = self.data if data is None else data
     return checkpoint.jsonable({
         **checkpoint.experiment_to_config(self.train_experiment),
         "train": dataclasses.asdict(self.train),
         "sharding": dataclasses.asdict(self.sharding),
-        "data": dataclasses.asdict(data if data is not None else self.data)
-                if (data or self.data) is not None else None,
+        "data": None if data is None else dataclasses.asdict(data),
         "weights": dataclasses.asdict(self.weights),
         "eval": dataclasses.asdict(self.eval),
         **dataclasses.asdict(self.schedule),

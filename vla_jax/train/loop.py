@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vla_jax import modeling
+from vla_jax.modeling import BUNDLED
 from vla_jax.actions import ActionTokenizer
 from vla_jax.data import pipeline as data_lib
 from vla_jax.errors import CheckpointError, ConfigError, DivergenceError, TrainingStopped
@@ -42,7 +43,6 @@ from vla_jax.train import step as step_lib
 from vla_jax.train import workdir as workdir_lib
 from vla_jax.typed_config import from_mapping
 
-BUNDLED = "bundled"
 
 
 # ----------------------------------------------------------------------------- data
