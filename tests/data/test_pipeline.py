@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
 from vla_jax.data.pipeline import DataConfig, make_iterator
 from vla_jax.errors import ConfigError, InputError
 
@@ -207,7 +208,7 @@ def test_global_array_on_eight_devices(tabletop_dir, module_stats):
       assert arrays["language_instruction"] is None
       print("OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)

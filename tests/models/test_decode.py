@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vla_jax.errors import InputError
 from vla_jax.eval import policy as policy_lib
 from vla_jax.models import decode as decode_lib
@@ -237,7 +237,7 @@ def test_policy_decoding_is_unchanged_by_the_cache(student):
 # ---------------------------------------------------------------------------- sharded mesh
 @pytest.mark.slow  # a subprocess with 8 fake CPU devices
 def test_decoding_on_a_sharded_mesh_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   result = subprocess.run([sys.executable, "-m", "tests.models.decode_multidevice_script"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vla_jax.errors import ConfigError
 from vla_jax.train import sharding as sharding_lib
 
@@ -44,7 +44,7 @@ def _start(tmp_path, name, workdir, steps, small_data, processes):
   """Starts one run as `processes` processes; returns [(Popen, log path)]."""
   env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+             XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={8 // processes}"))
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
                JAX_NUM_PROCESSES=str(processes))

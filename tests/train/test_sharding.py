@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 from vla_jax.errors import ConfigError
 from vla_jax.train import sharding as sharding_lib
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # end-to-end / multi-process
 
 def run_on_8_devices(module, timeout):
   """The JSON report that `python -m module` prints, run with 8 fake CPU devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   result = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

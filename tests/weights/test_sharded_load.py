@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 pytestmark = pytest.mark.slow  # end-to-end / multi-process
 
@@ -52,7 +52,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_loading_equals_single_device(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _SCRIPT.format(tmp=tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
