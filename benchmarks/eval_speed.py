@@ -1,22 +1,26 @@
 """Closed-loop evaluation throughput of a VLA checkpoint: episodes per second on this host.
 
   python benchmarks/eval_speed.py --workdir workdir [--batches 4 16] [--repeats 3]
-      [--max_steps 80] [--split carrot]
+      [--max_steps 80] [--split carrot] [--smoke] [--json FILE]
 
-Three policies run through the same rollout: the checkpoint decoding its 7 action tokens
-with the KV cache (`greedy_decode`: one prefill and 6 incremental steps per env step), the
-same checkpoint decoding by full recomputation (`use_cache=False`: 7 whole forward passes,
-the decoder before the cache), and the scripted expert (the simulator alone, no model).
+Three policies run through the same rollout: the checkpoint decoding its H x 7 action
+tokens with the KV cache (`greedy_decode`: one prefill and H x 7 - 1 incremental steps per
+policy call; H is the run's `data.action_horizon`, 4 for the tiny default, and the H
+actions of a chunk are executed before the next call), the same checkpoint decoding by full
+recomputation (`use_cache=False`: H x 7 whole forward passes, the decoder before the
+cache), and the scripted expert (the simulator alone, no model).
 For each batch size B every policy evaluates B full-length episodes (`--max_steps` steps
 each; the gripper is never released, so no episode ends early) after one warm-up run that
 compiles everything. The repeats interleave the policies, so a busy machine slows all
 of them alike; the script prints the median over `--repeats` of episodes/s and policy
 steps/s and the ratio of the cached to the full-recompute policy at each B. A last table
 times the decoder alone (`greedy_action_tokens` on one batch of B preprocessed frames,
-median of 20 interleaved calls), which is what the cache changes.
+median of 20 interleaved calls), which is what the cache changes. `--smoke` runs one short
+repeat at B=2 (the test suite's check that the script works on the current default).
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -36,7 +40,7 @@ class _NeverDone:
 
   def __call__(self, images, instructions, states, **kwargs):
     actions = np.array(self.policy(images, instructions, states, **kwargs))
-    actions[:, 6] = 0.0  # never release: the object is never placed, no early stop
+    actions[..., 6] = 0.0  # never release (every action of a chunk): no early stop
     return actions
 
 
@@ -55,12 +59,13 @@ def episodes_per_second(policies, split: str, batch: int, max_steps: int, repeat
 
 
 def decode_milliseconds(policy, batch: int, calls: int = 20):
-  """{use_cache: median ms} of one `greedy_action_tokens` call on B frames."""
+  """{use_cache: median ms} of one `greedy_action_tokens` call (a whole chunk) on B frames."""
   frames = policy.preprocess(np.zeros((batch, 64, 64, 3), np.uint8))
-  tokens, lengths = policy.prompt_batch(["put the carrot on the plate"] * batch)
+  states = np.zeros((batch, policy.state_stats.dim), np.float32) if policy.proprio_dims else None
+  tokens, lengths = policy.prompt_batch(["put the carrot on the plate"] * batch, states)
   decode = lambda use_cache: jax.block_until_ready(policy_lib.greedy_action_tokens(
-      policy.model, policy.params, frames, tokens, lengths, policy.action_dim,
-      use_cache=use_cache))
+      policy.model, policy.params, frames, tokens, lengths,
+      policy.action_dim * policy.action_horizon, use_cache=use_cache))
   times = {True: [], False: []}
   for use_cache in times:  # compile
     decode(use_cache)
@@ -80,26 +85,42 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--max_steps", type=int, default=80)
   parser.add_argument("--split", default="carrot")
+  parser.add_argument("--smoke", action="store_true",
+                      help="B=2, 8 steps, one repeat, 2 decoder calls: checks the script runs")
+  parser.add_argument("--json", default="", help="also write the numbers to this file")
   args = parser.parse_args()
+  calls = 20
+  if args.smoke:
+    args.batches, args.repeats, args.max_steps, calls = [2], 1, 8, 2
+  cached = policy_lib.load_policy(args.workdir)
   policies = {
-      "VLA, KV cache": _NeverDone(policy_lib.load_policy(args.workdir)),
+      "VLA, KV cache": _NeverDone(cached),
       "VLA, recompute": _NeverDone(policy_lib.load_policy(args.workdir, use_cache=False)),
       "scripted expert": _NeverDone(rollout.scripted_policy()),
   }
+  horizon = cached.action_horizon
   print(f"split={args.split} max_steps={args.max_steps} repeats={args.repeats} "
-        f"(medians; policies interleaved within each repeat)")
+        f"action_horizon={horizon} (medians; policies interleaved within each repeat)")
+  report = {"split": args.split, "max_steps": args.max_steps, "repeats": args.repeats,
+            "action_horizon": horizon, "rollout": [], "decode": []}
   for batch in args.batches:
     rates = episodes_per_second(policies, args.split, batch, args.max_steps, args.repeats)
     for name, rate in rates.items():
       print(f"{name:16s} B={batch:4d}  {rate:8.3f} episodes/s  "
             f"{rate * args.max_steps:9.1f} steps/s")
-    print(f"{'':16s} B={batch:4d}  KV cache / recompute: "
-          f"x{rates['VLA, KV cache'] / rates['VLA, recompute']:.2f}")
-  print("decoding 7 action tokens alone (greedy_action_tokens, median of 20 calls):")
+    ratio = rates["VLA, KV cache"] / rates["VLA, recompute"]
+    print(f"{'':16s} B={batch:4d}  KV cache / recompute: x{ratio:.2f}")
+    report["rollout"].append({"batch": batch, "episodes_per_s": rates, "cache_ratio": ratio})
+  print(f"decoding {horizon} x 7 action tokens alone (greedy_action_tokens, median of "
+        f"{calls} calls):")
   for batch in args.batches:
-    ms = decode_milliseconds(policies["VLA, KV cache"].policy, batch)
+    ms = decode_milliseconds(cached, batch, calls)
     print(f"B={batch:4d}  KV cache {ms[True]:8.2f} ms  recompute {ms[False]:8.2f} ms  "
           f"recompute / KV cache: x{ms[False] / ms[True]:.2f}")
+    report["decode"].append({"batch": batch, "cache_ms": ms[True], "recompute_ms": ms[False]})
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,3 +114,24 @@ def test_open_loop_command_reports_accuracy_and_l1_per_dimension(trained):
   assert len(metrics["l1_per_dim"]) == 7 and np.isfinite(metrics["l1_per_dim"]).all()
   assert metrics["frames"] > 0 and metrics["rows_skipped"] == 0
   assert json.load(open(metrics["path"]))["l1_mean"] == pytest.approx(metrics["l1_mean"])
+
+
+def test_eval_speed_benchmark_runs_on_a_chunked_policy(trained, tmp_path):
+  """`benchmarks/eval_speed.py --smoke` on this run (action chunks of 2, proprio prompt):
+  every policy's rate and both decoders' times come back finite and positive."""
+  _, workdir = trained
+  out = tmp_path / "speed.json"
+  result = subprocess.run(
+      [sys.executable, "benchmarks/eval_speed.py", "--workdir", workdir, "--smoke",
+       "--json", str(out)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert report["action_horizon"] == 2
+  (row,) = report["rollout"]
+  assert row["batch"] == 2 and sorted(row["episodes_per_s"]) == [
+      "VLA, KV cache", "VLA, recompute", "scripted expert"]
+  assert all(0 < rate < float("inf") for rate in row["episodes_per_s"].values())
+  (decode,) = report["decode"]
+  assert decode["cache_ms"] > 0 and decode["recompute_ms"] > 0
+  assert "KV cache / recompute" in result.stdout

@@ -21,7 +21,7 @@ from vla_jax.experiment import load_config
 from vla_jax.text import openvla_prompt, train_sentencepiece
 from vla_jax.train import loop
 
-pytestmark = pytest.mark.slow  # trains for a few hundred steps
+pytestmark = pytest.mark.slow  # trains for 150 steps
 
 INSTRUCTION = "put the cube on the plate"
 STEP = 0.02
@@ -73,9 +73,11 @@ def trained(tmp_path_factory):
   config.train.schedule = "constant"
   config.model.llm.depth = 2
   config.align.align_layer = 1
-  config.train.num_steps = 300
+  # 150 steps: on frames never seen, L1 0.004 x the best constant's, every frame's
+  # direction right (measured; at 80 steps 0.14 and 88 %, too close to the bounds below).
+  config.train.num_steps = 150
   config.train.warmup_steps = 20
-  config.log_every, config.checkpoint_every, config.eval_every = 50, 300, 0
+  config.log_every, config.checkpoint_every, config.eval_every = 50, 150, 0
   workdir = str(root / "run")
   loop.train(config, workdir)
   return workdir
