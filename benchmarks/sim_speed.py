@@ -7,14 +7,17 @@ are compiled and then timed in alternating rounds in this one process, so all se
 same machine load:
   "new"       `rollout.step_batch` (`render.render_scene`: texture tables, windows and an
               arm strip, libm only where a value reaches the image, one colour plane at
-              a time);
+              a time; batches above `rollout.SIM_CHUNK` = 64 environments run as a loop
+              over chunks of 64);
+  "one vmap"  the same step vmapped over the whole batch at once (`chunk=0`, before the
+              chunks; the same as "new" at B <= 64, so timed only above it);
   "previous"  the same step rendered by `env.render_v1` (`render.render_scene_v1`, the
               fast path before this one, which rendered the bundled dataset);
   "reference" the same step rendered by `env.render_reference` (every texture family and
               every sprite at every pixel).
-All three draw the same images (tests/sim/test_render.py states the tolerance). Each round runs `--steps`
+All of them draw the same images (tests/sim/test_render.py states the tolerance). Each round runs `--steps`
 expert steps; the script prints the median over `--repeats` rounds of B * steps /
-seconds for each and the ratios new / previous and new / reference.
+seconds for each and the ratios new / previous, new / one vmap and new / reference.
 """
 
 import argparse
@@ -61,7 +64,10 @@ def compare(batch: int, split: str, steps: int, repeats: int, image_size: int,
   """{path: median env steps/s} at batch B, measured in alternating rounds."""
   states = rollout.reset_batch(rollout.seed_keys(range(batch)), split)
   act = jax.jit(jax.vmap(expert.expert_action))
-  paths = {"new": rollout.step_batch, "previous": step_previous}
+  paths = {"new": rollout.step_batch}
+  if batch > rollout.SIM_CHUNK:
+    paths["one vmap"] = functools.partial(rollout.step_batch, chunk=0)
+  paths["previous"] = step_previous
   if reference:
     paths["reference"] = step_reference
   for fn in paths.values():
@@ -91,6 +97,8 @@ def main():
                 not args.no_reference)
     line = (f"batch {batch:5d}: new {r['new']:8.1f}  previous {r['previous']:8.1f}  "
             f"x{r['new'] / r['previous']:.2f}")
+    if "one vmap" in r:
+      line += f"  one vmap {r['one vmap']:8.1f}  x{r['new'] / r['one vmap']:.2f}"
     if "reference" in r:
       line += f"  reference {r['reference']:7.1f}  x{r['new'] / r['reference']:.1f}"
     print(line, flush=True)

@@ -38,6 +38,23 @@ def test_vmapped_step_equals_looped_step():
   assert float(np.abs(obs["state"][:, :3] - env.EE_START).max()) > 0.05  # it moved
 
 
+def test_chunked_step_equals_one_vmap():
+  """`step_batch` renders large batches `chunk` environments at a time (`SIM_CHUNK`):
+  5 environments in chunks of 2 (two full chunks and a remainder) step and render exactly
+  as one vmap over all 5, and `observe_batch` likewise."""
+  batch = rollout.reset_batch(rollout.seed_keys(range(5)), "multi_plate")
+  act = jax.jit(jax.vmap(expert.expert_action))
+  whole = chunked = batch
+  for _ in range(3):
+    whole, whole_obs, whole_reward, _, _ = rollout.step_batch(whole, act(whole), 32, chunk=0)
+    chunked, obs, reward, _, _ = rollout.step_batch(chunked, act(chunked), 32, chunk=2)
+    jax.tree.map(np.testing.assert_array_equal, chunked, whole)
+    jax.tree.map(np.testing.assert_array_equal, obs, whole_obs)
+    np.testing.assert_array_equal(reward, whole_reward)
+  jax.tree.map(np.testing.assert_array_equal, rollout.observe_batch(whole, 32, chunk=2),
+               rollout.observe_batch(whole, 32, chunk=0))
+
+
 # Slow: every layout compiles its own env programs (tests/sim/test_rollout.py and
 # tests/eval/test_sim_eval.py run the expert unmarked).
 @pytest.mark.slow
