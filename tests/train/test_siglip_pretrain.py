@@ -73,7 +73,9 @@ def test_siglip_teacher_learns_captions_and_loads_as_teacher(tmp_path):
   experiment = parse_config(get_config("tiny"))
   config = pretrain.PretrainConfig(
       splits=("train",), episodes_per_split=40, frames_per_episode=4,
-      steps=200, batch_size=32, warmup_steps=10, teacher_objective="siglip",
+      # 120 steps: held-out loss 2.82 against the blind bound 3.74, image->text 0.44 (7x
+      # chance; measured; 200 steps: 2.00 and 0.63).
+      steps=120, batch_size=32, warmup_steps=10, teacher_objective="siglip",
       teacher_extra_splits=("vlthink_sign",))
   paths = pretrain.ensure_pretrained(experiment, config, str(tmp_path), progress=False,
                                      parts=("teacher",))
