@@ -32,6 +32,7 @@ def _llama2_config(shared_data):
   return config
 
 
+@pytest.mark.slow  # the command line end to end (imports, build, compile)
 def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
   config = _llama2_config(shared_data)
   summary = main_lib.describe(config, str(tmp_path))
@@ -43,6 +44,7 @@ def test_describe_runs_the_aligned_forward(tmp_path, shared_data):
   assert json.loads((tmp_path / "describe.json").read_text())["preset"] == "tiny"
 
 
+@pytest.mark.slow  # the command line end to end, twice
 def test_convert_teacher_then_describe_from_orbax(tmp_path, shared_data):
   config = _llama2_config(shared_data)  # describe's programs: compiled once in this module
   teacher = vit_lib.ViTConfig(**config.teacher.vit.to_dict())

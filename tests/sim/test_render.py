@@ -83,6 +83,7 @@ def test_fast_render_equals_the_previous_fast_path_on_many_states(split):
     assert np.count_nonzero(off) <= MAX_SHARE_OFF * fast.size, np.count_nonzero(off)
 
 
+@pytest.mark.slow  # 35 textures in three roles: the full suite
 def test_every_texture_in_every_role_renders_as_before():
   """Each of the 35 textures as table, wall and blend (over the whole image and the
   target object), against the previous fast path that rendered the dataset."""
@@ -108,6 +109,7 @@ def test_windows_hold_sprites_at_the_image_border():
   _assert_same(states, 64, "reference")
 
 
+@pytest.mark.slow  # 18 effector poses at two resolutions against the reference
 def test_arm_strip_holds_the_arm_anywhere_in_the_workspace():
   """The arm is drawn in a strip of a few columns per image row (`env._arm_strip`): put
   the effector at the workspace's corners and edges, low and high, turned and open."""

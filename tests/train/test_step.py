@@ -130,8 +130,11 @@ def test_lora_trains_only_factors(setup):
     state_lib.create_train_state(experiment, _config(trainable="full"), params, jax.random.key(0))
 
 
-@pytest.mark.parametrize("preset,scan", [("tiny", False), ("tiny", True),
-                                         ("tiny_paligemma", True)])
+# The looped Llama case in the quick loop; scanned layers and Gemma in the full suite.
+@pytest.mark.parametrize("preset,scan", [("tiny", False),
+                                         pytest.param("tiny", True, marks=pytest.mark.slow),
+                                         pytest.param("tiny_paligemma", True,
+                                                      marks=pytest.mark.slow)])
 def test_in_layer_lora_equals_materialised_lora(preset, scan):
   """x @ W + s (x @ A) @ B inside the layers == W + s A @ B as a pytree (dropout included).
 
