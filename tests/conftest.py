@@ -37,10 +37,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 if os.environ.get("VLA_JAX_TEST_XLA_OPT") != "1":
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   jax.config.update("jax_disable_most_optimizations", True)
-  _FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
-  os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", "")] + [f for f in _FAST_COMPILE_FLAGS
-                                           if f not in os.environ.get("XLA_FLAGS", "")]).strip()
+  _LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+  if _LOOP_EMITTERS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_LOOP_EMITTERS}".strip()
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_SIZE_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
 _CACHE_MAX_BYTES = 16 * 2 ** 30  # never reached by this suite: the limit is for the lock

@@ -29,7 +29,6 @@ import numpy as np
 from tqdm import tqdm
 
 from vla_jax import modeling
-from vla_jax.modeling import BUNDLED
 from vla_jax.actions import ActionTokenizer
 from vla_jax.data import pipeline as data_lib
 from vla_jax.errors import CheckpointError, ConfigError, DivergenceError, TrainingStopped
@@ -42,7 +41,6 @@ from vla_jax.train import state as state_lib
 from vla_jax.train import step as step_lib
 from vla_jax.train import workdir as workdir_lib
 from vla_jax.typed_config import from_mapping
-
 
 
 # ----------------------------------------------------------------------------- data
@@ -68,7 +66,7 @@ def resolve_data(config: Any, experiment: Experiment, train_config: state_lib.Tr
         source["data_dir"] = bundled.bundled_dataset_dir()
     sources.append(source)
   tokenizer = config.tokenizer
-  if tokenizer == BUNDLED and build:
+  if tokenizer == modeling.BUNDLED and build:
     from vla_jax.sim import bundled  # pylint: disable=g-import-not-at-top
     tokenizer = bundled.bundled_tokenizer_path()
   for key in ("global_batch_size", "image_size", "tokenizer", "seed"):
