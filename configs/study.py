@@ -7,6 +7,10 @@ Usage: `python -m vla_jax.main --config=configs/study.py[:PRESET] --mode=study -
   siglip_teacher  the default with the teacher pretrained on image-caption pairs with
            SigLIP's sigmoid loss (`vla_jax.train.siglip_pretrain`) instead of locating
            things; the student's pretraining is shared with the default (same cache)
+  vlm_tasks  the default with a VLM stage that also learns captioning and VL-Think-style
+           concept questions (`vla_jax.train.vlm_pretrain`: 2500 steps, 60 % spatial
+           questions as the default's 1500, 20 % captions, 20 % VL-Think questions);
+           the teacher and the student's vision pretraining are the default's (same cache)
   smoke    a few steps of every stage and a few episodes, for the test suite
 Every key of configs/align.py can be overridden as there (--config.train.num_steps=...),
 and the study's own under --config.study.* (e.g. --config.study.seeds=0,1).
@@ -22,7 +26,7 @@ import align  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vla_jax import study as study_lib  # pylint: disable=wrong-import-position
 
-PRESETS = ("default", "siglip_teacher", "smoke")
+PRESETS = ("default", "siglip_teacher", "vlm_tasks", "smoke")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -39,6 +43,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                       pretrain={}, vlm_pretrain={}, cache_dir="")
   if preset == "siglip_teacher":
     config.study.pretrain = dict(teacher_objective="siglip")
+  if preset == "vlm_tasks":
+    # As many spatial-question steps as the default's 1500; captions and concepts on top.
+    config.study.vlm_pretrain = dict(steps=2500, tasks=("spatial", "caption", "vlthink"),
+                                     task_weights=(0.6, 0.2, 0.2))
   if preset == "smoke":
     # Every stage runs and feeds the next; nothing here is meant to be a result.
     config.study.seeds = (0,)

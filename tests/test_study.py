@@ -192,3 +192,18 @@ def test_siglip_teacher_preset_pretrains_the_teacher_on_captions():
   setup = from_mapping(pretrain.PretrainConfig, dict(study.pretrain), "study.pretrain")
   assert setup.teacher_objective == "siglip"
   assert dict(study.vlm_pretrain) == {}  # the student's pretraining is the default's
+
+
+def test_vlm_tasks_preset_adds_captions_and_concepts_to_the_default_vlm_stage():
+  from vla_jax.train import pretrain, vlm_pretrain  # pylint: disable=g-import-not-at-top
+  config = load_config(REPO / "configs" / "study.py", "vlm_tasks")
+  study = from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study")
+  vlm = from_mapping(vlm_pretrain.VLMPretrainConfig, dict(study.vlm_pretrain),
+                     "study.vlm_pretrain")
+  assert vlm.tasks == ("spatial", "caption", "vlthink")
+  # As many spatial-question steps as the default stage takes.
+  default = vlm_pretrain.VLMPretrainConfig()
+  assert vlm.steps * vlm.probabilities()[0] == pytest.approx(default.steps)
+  assert dict(study.pretrain) == {}  # the teacher and the towers' pretraining are shared
+  assert from_mapping(pretrain.PretrainConfig, dict(study.pretrain)).teacher_extra_splits == (
+      pretrain.TEACHER_EXTRA_SPLITS)

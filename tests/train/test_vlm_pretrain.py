@@ -10,7 +10,7 @@ import pytest
 from configs.align import get_config
 from vla_jax import modeling
 from vla_jax.actions import ActionTokenizer
-from vla_jax.errors import CheckpointError, ConfigError
+from vla_jax.errors import CheckpointError, ConfigError, InputError
 from vla_jax.experiment import parse_config
 from vla_jax.sim import bundled
 from vla_jax.text import Tokenizer
@@ -18,9 +18,13 @@ from vla_jax.train import loop, pretrain, vlm_pretrain
 
 SMALL = pretrain.PretrainConfig(splits=("train",), episodes_per_split=40,
                                 frames_per_episode=4, steps=30, batch_size=16,
-                                learning_rate=2e-3, warmup_steps=5)
-SMALL_VLM = vlm_pretrain.VLMPretrainConfig(steps=80, batch_size=16, learning_rate=2e-3,
-                                           warmup_steps=10)
+                                learning_rate=2e-3, warmup_steps=5,
+                                teacher_extra_splits=("vlthink_shape", "vlthink_parity"))
+# All three tasks, 90 of the steps on spatial questions in expectation.
+SMALL_VLM = vlm_pretrain.VLMPretrainConfig(steps=150, batch_size=16, learning_rate=2e-3,
+                                           warmup_steps=10,
+                                           tasks=("spatial", "caption", "vlthink"),
+                                           task_weights=(0.6, 0.2, 0.2))
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,98 @@ def test_questions_encode_the_scene_in_number_ids(tokenizer):
   np.testing.assert_allclose(offset, np.clip(obj - ee[:2], -1, 1), atol=1e-6)
 
 
+def _board_scene():
+  """Two VL-Think frames: shape boards (star, circle, cross; target circle) and digits."""
+  scene = _scene(2)
+  scene.update(vlthink_family=np.array(["shape", "parity"]),
+               board_items=np.array(["star|circle|cross", "4|7|2"]),
+               receptacle_name=np.array(["the board with the circle",
+                                         "the board with the odd number"]),
+               receptacle_xy=np.float32([[0.0, 0.1], [0.0, 0.1]]))
+  return scene
+
+
+def test_vlthink_questions_name_boards_by_concept_and_place():
+  scene = _board_scene()
+  ask = vlm_pretrain.vlthink_answer
+  question, xy = ask(scene, 0, 0)  # where is the left board's item
+  assert question == "where is the board with the star?"
+  np.testing.assert_allclose(xy, np.array([-0.15, 0.1]) / vlm_pretrain.TABLE_SCALE)
+  question, xy = ask(scene, 0, 2)
+  assert question == "where is the board with the cross?"
+  np.testing.assert_allclose(xy, np.array([0.15, 0.1]) / vlm_pretrain.TABLE_SCALE)
+  assert ask(scene, 0, 4) == ("what shape is on the middle board?", "circle")
+  assert ask(scene, 0, 7) == ("what shape is on the middle board?", "circle")
+  # Parity: only the target's parity is unique, so every "where" asks for the target.
+  for kind in range(3):
+    question, xy = ask(scene, 1, kind)
+    assert question == "where is the board with the odd number?"
+    np.testing.assert_allclose(xy, np.array([0.0, 0.1]) / vlm_pretrain.TABLE_SCALE)
+  assert ask(scene, 1, 3) == ("what number is on the left board?", "4")
+  assert ask(scene, 1, 6) == ("is the number on the left board odd or even?", "even")
+  assert ask(scene, 1, 7) == ("is the number on the middle board odd or even?", "odd")
+  with pytest.raises(InputError, match="no VL-Think boards"):
+    ask({**scene, "vlthink_family": np.array(["", ""])}, 0, 0)
+
+
+def test_word_answers_are_text_tokens_and_number_answers_number_ids(tokenizer):
+  _, tok = tokenizer
+  action_tokenizer = ActionTokenizer(vocab_size=tok.vocab_size)
+  scene = _board_scene()
+  examples = [vlm_pretrain.vlthink_answer(scene, 0, 0),
+              vlm_pretrain.vlthink_answer(scene, 1, 6),
+              ("what is in the image?", "a red cube left of the plate")]
+  batch = vlm_pretrain.example_batch(scene["images"][[0, 1, 0]], examples, tok,
+                                     action_tokenizer, 48, tok.vocab_size)
+  for row, (question, value) in enumerate(examples):
+    supervised = batch["tokens"][row][batch["loss_mask"][row]]
+    assert supervised[-1] == tok.eos_id
+    prompt = batch["tokens"][row][batch["input_mask"][row] & ~batch["loss_mask"][row]]
+    assert tok.decode(prompt.tolist()).strip().startswith(f"In: {question}")
+    if isinstance(value, str):
+      assert not action_tokenizer.is_action_token(supervised).any()
+      assert tok.decode(supervised[:-1].tolist()).strip() == value
+      assert not batch["actions"][row].any()  # nothing for action/l1 to count
+    else:
+      np.testing.assert_allclose(action_tokenizer.decode(supervised[:-1]), value,
+                                 atol=2 / 255)
+      np.testing.assert_allclose(batch["actions"][row, :2], value, rtol=1e-6)
+  with pytest.raises(InputError, match="caption_max_length"):
+    vlm_pretrain.example_batch(scene["images"][:1], examples[2:], tok, action_tokenizer, 12,
+                               tok.vocab_size)
+
+
+def test_task_options_are_checked_and_spatial_only_keeps_its_cache_key():
+  with pytest.raises(ConfigError, match="at most once"):
+    vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "captions"))
+  with pytest.raises(ConfigError, match="at most once"):
+    vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "spatial"))
+  with pytest.raises(ConfigError, match="one positive weight per task"):
+    vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "caption"), task_weights=(1.0,))
+  with pytest.raises(ConfigError, match="one positive weight per task"):
+    vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "caption"), task_weights=(1.0, 0.0))
+  # The VLMs cached before the task options existed were hashed from these six settings.
+  assert vlm_pretrain.VLMPretrainConfig().cache_setup() == dict(
+      steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100, max_length=48, seed=0)
+  mixed = vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "caption"), task_weights=(3, 1))
+  assert mixed.cache_setup()["tasks"] == ("spatial", "caption")
+  np.testing.assert_allclose(mixed.probabilities(), [0.75, 0.25])
+
+
+def test_vlthink_questions_need_vlthink_renders(experiment, tmp_path):
+  vlm = vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "vlthink"))
+  config = pretrain.PretrainConfig(teacher_extra_splits=("carrot",))
+  with pytest.raises(ConfigError, match="name no vlthink_"):
+    pretrain.ensure_pretrained(experiment, config, str(tmp_path), parts=("student",),
+                               vlm_config=vlm)
+  # Different VL-Think renders make a different VLM: they are part of its cache key.
+  keys = {pretrain.ensure_pretrained(
+      experiment, pretrain.PretrainConfig(teacher_extra_splits=splits), str(tmp_path),
+      parts=(), vlm_config=vlm)["student"] for splits in (("vlthink_shape",),
+                                                         ("vlthink_colour",))}
+  assert len(keys) == 2
+
+
 def test_bundled_student_needs_the_bundled_tokenizer(tmp_path):
   config = get_config("tiny")
   config.tokenizer = str(tmp_path / "other.model")
@@ -87,6 +183,10 @@ def test_vlm_pretraining_learns_answers_and_its_file_loads(experiment, tokenizer
   with open(pretrain.metrics_path(paths["student"])) as f:
     metrics = json.load(f)  # held-out answers of the pretrained student vs the initial one
   assert metrics["l1"] < 0.75 * metrics["l1_before"], metrics
+  for task in ("caption", "vlthink"):  # every task's held-out answers improve
+    assert (metrics[f"{task}/token_accuracy"] >
+            metrics[f"{task}/token_accuracy_before"] + 0.2), metrics
+  assert metrics["vlthink/l1"] < 0.75 * metrics["vlthink/l1_before"], metrics
   trained = pretrain.load_student(paths["student"], experiment,
                                   pretrain.file_digest(bundled.bundled_tokenizer_path(cache)))
   models = modeling.build_models(experiment)

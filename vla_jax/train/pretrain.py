@@ -127,8 +127,9 @@ def render_keypoint_data(config: PretrainConfig, image_size: int, first_index: i
     scene in world units for question answering (`vla_jax.train.vlm_pretrain`):
     "object_xy", "receptacle_xy" [N, 2] (m), "effector" [N, 3] (m), "gripper" (opening),
     "holding" (0/1), "yaw_error" (rad) [N], "object_name", "receptacle_name",
-    "other_objects", "other_receptacles" ("|"-joined), "table_name", "background_name"
-    str [N].
+    "other_objects", "other_receptacles" ("|"-joined), "table_name", "background_name",
+    "vlthink_family" (the split's VL-Think family or ""), "board_items" (VL-Think: the
+    boards' items left to right, "|"-joined; else "") str [N].
   """
   from vla_jax.sim import catalogue, env, rollout  # pylint: disable=g-import-not-at-top
   from vla_jax.sim import render as render_lib  # pylint: disable=g-import-not-at-top
@@ -188,7 +189,12 @@ def _scene_names(spec: Any, states: Any) -> Dict[str, np.ndarray]:
   rec_ids, targets = np.asarray(states.rec_id), np.asarray(states.target_rec)
   others = lambda ids, skip: "|".join(n for j, n in enumerate(ids) if j != skip)
   texture = lambda ids: np.asarray([catalogue.TEXTURES[int(i)].name for i in ids])
+  family = spec.vlthink and catalogue.VLTHINK[spec.vlthink]
   return {
+      "vlthink_family": np.asarray([spec.vlthink] * len(rec_ids)),
+      # The boards' items left to right (rec_id is in slot order), e.g. "3|8|6".
+      "board_items": np.asarray(["|".join(family.items[int(i)] for i in row) if family else ""
+                                 for row in rec_ids]),
       "other_receptacles": np.asarray([
           others([env.receptacle_name(spec, int(i)) for i in row], int(target))
           for row, target in zip(rec_ids, targets)]),
@@ -416,11 +422,18 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
           root, f"teacher_{teacher_digest}.npz"),
   }
   vlm_config = vlm_config or vlm_pretrain.VLMPretrainConfig()
+  vlm_setup = vlm_config.cache_setup()
+  if "vlthink" in vlm_config.tasks:
+    if not any(split.startswith("vlthink_") for split in config.teacher_extra_splits):
+      raise ConfigError("vlm_pretrain.tasks includes 'vlthink', whose questions are asked "
+                        "about renders of pretrain.teacher_extra_splits, but those name no "
+                        f"vlthink_* split ({tuple(config.teacher_extra_splits)!r}); keep "
+                        "the default (every VL-Think family).")
+    vlm_setup["vlthink_splits"] = config.teacher_extra_splits
   tokenizer_path = bundled.bundled_tokenizer_path(cache_dir)
   tokenizer_digest = file_digest(tokenizer_path)
   paths["student"] = os.path.join(root, "student_" + _digest(
-      _student_config(experiment), setup, dataclasses.asdict(vlm_config),
-      tokenizer_digest) + ".npz")
+      _student_config(experiment), setup, vlm_setup, tokenizer_digest) + ".npz")
   if "student" in parts and not os.path.exists(paths["student"]):
     parts = tuple(parts) + ("student_vision",)  # the VLM stage starts from it
   missing = [k for k, p in paths.items() if k in parts and p and not os.path.exists(p)]
@@ -431,6 +444,12 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
   logging.info("Pretraining %s on tabletop renders (first use; cached in %s).",
                " and ".join(missing), root)
   data = render_keypoint_data(config, experiment.model.image_size)
+  extra = None  # renders of teacher_extra_splits (image-text teacher, VL-Think questions)
+  if config.teacher_extra_splits and (
+      ("teacher" in missing and config.teacher_objective == "siglip") or
+      ("student" in missing and "vlthink" in vlm_config.tasks)):
+    extra = render_keypoint_data(dataclasses.replace(config, splits=config.teacher_extra_splits),
+                                 experiment.model.image_size, first_index=len(config.splits))
   models = modeling.build_models(experiment)
   params = modeling.init_params(models, experiment, jax.random.key(config.seed))
   grid = experiment.model.grid
@@ -451,7 +470,8 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
       vision = load_student_vision(paths["student_vision"], experiment)
       params = {**params, "student": {**params["student"], **vision}}
       student, metrics = vlm_pretrain.pretrain_vlm(models, experiment, params, data,
-                                                   tokenizer, vlm_config, progress=progress)
+                                                   tokenizer, vlm_config, progress=progress,
+                                                   vlthink_scene=extra)
       save_student(os.path.join(tmp, "student.npz"), student, experiment, tokenizer_digest)
       with open(metrics_path(paths["student"]), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -462,9 +482,6 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
       if config.teacher_objective == "siglip":
         captioned = data
         if config.teacher_extra_splits:
-          extra = render_keypoint_data(dataclasses.replace(
-              config, splits=config.teacher_extra_splits), experiment.model.image_size,
-                                       first_index=len(config.splits))
           captioned = {k: np.concatenate([data[k], extra[k]]) for k in data}
         teacher, metrics = siglip_pretrain.pretrain_siglip(
             encode, params["teacher"], experiment.teacher.tower, captioned,
