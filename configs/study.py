@@ -8,8 +8,8 @@ Usage: `python -m vla_jax.main --config=configs/study.py[:PRESET] --mode=study -
            SigLIP's sigmoid loss (`vla_jax.train.siglip_pretrain`) instead of locating
            things; the student's pretraining is shared with the default (same cache)
   vlm_tasks  the default with a VLM stage that also learns captioning and VL-Think-style
-           concept questions (`vla_jax.train.vlm_pretrain`: 2500 steps, 60 % spatial
-           questions as the default's 1500, 20 % captions, 20 % VL-Think questions);
+           concept questions (`vla_jax.train.vlm_pretrain`: 5000 steps, 30 % spatial
+           questions as the default's 1500, 10 % captions, 60 % VL-Think questions);
            the teacher and the student's vision pretraining are the default's (same cache)
   smoke    a few steps of every stage and a few episodes, for the test suite
 Every key of configs/align.py can be overridden as there (--config.train.num_steps=...),
@@ -45,8 +45,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     config.study.pretrain = dict(teacher_objective="siglip")
   if preset == "vlm_tasks":
     # As many spatial-question steps as the default's 1500; captions and concepts on top.
-    config.study.vlm_pretrain = dict(steps=2500, tasks=("spatial", "caption", "vlthink"),
-                                     task_weights=(0.6, 0.2, 0.2))
+    config.study.vlm_pretrain = dict(steps=5000, tasks=("spatial", "caption", "vlthink"),
+                                     task_weights=(0.3, 0.1, 0.6))
   if preset == "smoke":
     # Every stage runs and feeds the next; nothing here is meant to be a result.
     config.study.seeds = (0,)

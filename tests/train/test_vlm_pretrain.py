@@ -106,6 +106,9 @@ def test_vlthink_questions_name_boards_by_concept_and_place():
   assert ask(scene, 1, 3) == ("what number is on the left board?", "4")
   assert ask(scene, 1, 6) == ("is the number on the left board odd or even?", "even")
   assert ask(scene, 1, 7) == ("is the number on the middle board odd or even?", "odd")
+  # Where answers are scored by the board their x is nearest to.
+  xs = np.array([-0.15, -0.08, -0.07, 0.0, 0.07, 0.08, 0.15]) / vlm_pretrain.TABLE_SCALE
+  np.testing.assert_array_equal(vlm_pretrain._nearest_board(xs), [0, 0, 1, 1, 1, 2, 2])
   with pytest.raises(InputError, match="no VL-Think boards"):
     ask({**scene, "vlthink_family": np.array(["", ""])}, 0, 0)
 
@@ -187,6 +190,7 @@ def test_vlm_pretraining_learns_answers_and_its_file_loads(experiment, tokenizer
     assert (metrics[f"{task}/token_accuracy"] >
             metrics[f"{task}/token_accuracy_before"] + 0.2), metrics
   assert metrics["vlthink/l1"] < 0.75 * metrics["vlthink/l1_before"], metrics
+  assert 0 <= metrics["vlthink/board_accuracy"] <= 1  # measured, whatever its level
   trained = pretrain.load_student(paths["student"], experiment,
                                   pretrain.file_digest(bundled.bundled_tokenizer_path(cache)))
   models = modeling.build_models(experiment)

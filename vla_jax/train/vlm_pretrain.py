@@ -230,6 +230,13 @@ _ASK = {"spatial": (answer, len(QUESTIONS)), "caption": (caption_answer, 1),
         "vlthink": (vlthink_answer, VLTHINK_KINDS)}
 
 
+def _nearest_board(x: np.ndarray) -> np.ndarray:
+  """VL-Think board slot (0, 1, 2) nearest each table x in answer units."""
+  from vla_jax.sim import catalogue  # pylint: disable=g-import-not-at-top
+  slots = np.asarray(catalogue.VLTHINK_BOARD_X) / TABLE_SCALE
+  return np.argmin(np.abs(np.asarray(x, np.float64)[:, None] - slots), axis=1)
+
+
 def _held_out(start: int, stop: int) -> int:
   """First held-out row of frames [start, stop): the last 5 % (at least 48, at most 1/4)."""
   num = stop - start
@@ -276,7 +283,9 @@ def pretrain_vlm(models: Any, experiment: Experiment, params: Dict[str, Any],
      "l1_before" of the initial student and "l1_constant" of the best constant answer to
      each question; per task "<task>/token_accuracy" (every answer token and EOS),
      "<task>/exact" (whole answers right) and, for tasks with number answers, "<task>/l1"
-     and "<task>/number_accuracy"; each also as "..._before", of the initial student).
+     and "<task>/number_accuracy"; "vlthink/board_accuracy": "where is ..." answers whose
+     x is nearest the right board (chance 1/3); each also as "..._before", of the
+     initial student).
   """
   from vla_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from vla_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -302,12 +311,14 @@ def pretrain_vlm(models: Any, experiment: Experiment, params: Dict[str, Any],
 
   @jax.jit
   def answers_right(student, batch):
-    """Per row: (answer tokens right, answer tokens, whole answer right)."""
+    """Per row: (answer tokens right, answer tokens, whole answer right, the predicted
+    first answer token)."""
     out = step_lib.student_forward(models.student, student, batch)
     predicted = jnp.argmax(step_lib.target_logits(experiment.model, out["logits"]), -1)
     mask = jnp.asarray(batch["loss_mask"]) & jnp.asarray(batch["input_mask"])
     right = (predicted == batch["tokens"]) & mask
-    return right.sum(1), mask.sum(1), jnp.all(right | ~mask, axis=1)
+    first = jnp.take_along_axis(predicted, jnp.argmax(mask, axis=1)[:, None], axis=1)[:, 0]
+    return right.sum(1), mask.sum(1), jnp.all(right | ~mask, axis=1), first
 
   rows = _task_rows(config, num_spatial, len(scene["images"]))
   # Kinds of the held-out questions: every kind in turn, so each one is measured.
@@ -330,19 +341,26 @@ def pretrain_vlm(models: Any, experiment: Experiment, params: Dict[str, Any],
     out = {}
     for task in config.tasks:
       test_rows, kinds = rows[task][1], test_kinds[task]
-      l1, number_accuracy, right, count, exact = [], [], 0, 0, []
+      l1, number_accuracy, right, count, exact, boards = [], [], 0, 0, [], []
       for start in range(0, len(test_rows), 48):
-        batch = make_batch(task, test_rows[start:start + 48], kinds[start:start + 48])
+        batch_rows, batch_kinds = test_rows[start:start + 48], kinds[start:start + 48]
+        batch = make_batch(task, batch_rows, batch_kinds)
         metrics = eval_step(state, frozen, batch)
         numbers = int((action_tokenizer.is_action_token(batch["tokens"]) &
                        batch["loss_mask"]).any(1).sum())  # rows with a number answer
         if numbers:
           l1.append((float(metrics["action/l1"]), numbers))
           number_accuracy.append(float(metrics["action/token_accuracy"]))
-        r, c, e = jax.device_get(answers_right(student, batch))
+        r, c, e, first = jax.device_get(answers_right(student, batch))
         right, count, exact = right + int(r.sum()), count + int(c.sum()), exact + list(e)
+        if task == "vlthink":  # "where is ...": is the predicted x nearest the right board?
+          where = batch_kinds < 3
+          boards += list(_nearest_board(action_tokenizer.decode(first[where])) ==
+                         _nearest_board(batch["actions"][where, 0]))
       out[f"{task}/token_accuracy"] = right / max(count, 1)
       out[f"{task}/exact"] = float(np.mean(exact))
+      if boards:
+        out[f"{task}/board_accuracy"] = float(np.mean(boards))
       if l1:
         out[f"{task}/l1"] = float(sum(v * n for v, n in l1) / sum(n for _, n in l1))
         # Batch means of the number tokens' accuracy, as the spatial stage always reported.
