@@ -19,12 +19,12 @@ from vla_jax.train import loop, pretrain, vlm_pretrain
 SMALL = pretrain.PretrainConfig(splits=("train",), episodes_per_split=40,
                                 frames_per_episode=4, steps=30, batch_size=16,
                                 learning_rate=2e-3, warmup_steps=5,
-                                teacher_extra_splits=("vlthink_shape", "vlthink_parity"))
-# All three tasks, 90 of the steps on spatial questions in expectation.
+                                teacher_extra_splits=("vlthink_shape",))
+# All three tasks, 105 of the steps on spatial questions in expectation.
 SMALL_VLM = vlm_pretrain.VLMPretrainConfig(steps=150, batch_size=16, learning_rate=2e-3,
                                            warmup_steps=10,
                                            tasks=("spatial", "caption", "vlthink"),
-                                           task_weights=(0.6, 0.2, 0.2))
+                                           task_weights=(0.7, 0.15, 0.15))
 
 
 @pytest.fixture(scope="module")

@@ -237,6 +237,27 @@ def _nearest_board(x: np.ndarray) -> np.ndarray:
   return np.argmin(np.abs(np.asarray(x, np.float64)[:, None] - slots), axis=1)
 
 
+def _score_answers(predicted: np.ndarray, batch: Dict[str, np.ndarray],
+                   action_tokenizer: ActionTokenizer, into: Dict[str, List[Any]]) -> None:
+  """Adds one batch's teacher-forced answer statistics to the lists in `into`.
+
+  right / tokens: answer tokens (and EOS) right / counted, per row; exact: whole answer
+  right, per row; number_right / numbers: number tokens right / counted; l1: |decoded
+  number - the true value| per answered number (the fine-tuning step's action/l1).
+  """
+  mask = batch["loss_mask"] & batch["input_mask"]
+  right = (predicted == batch["tokens"]) & mask
+  into["right"] += right.sum(1).tolist()
+  into["tokens"] += mask.sum(1).tolist()
+  into["exact"] += np.all(right | ~mask, axis=1).tolist()
+  is_number = mask & action_tokenizer.is_action_token(batch["tokens"])
+  into["number_right"].append(int((right & is_number).sum()))
+  into["numbers"].append(int(is_number.sum()))
+  for row in np.flatnonzero(is_number.any(1)):
+    values = action_tokenizer.decode(predicted[row][is_number[row]])
+    into["l1"] += np.abs(values - batch["actions"][row, :len(values)]).tolist()
+
+
 def _held_out(start: int, stop: int) -> int:
   """First held-out row of frames [start, stop): the last 5 % (at least 48, at most 1/4)."""
   num = stop - start
@@ -307,18 +328,12 @@ def pretrain_vlm(models: Any, experiment: Experiment, params: Dict[str, Any],
                                                jax.random.key(config.seed))
   train_step = jax.jit(step_lib.make_train_step(models, experiment, train_config,
                                                 action_tokenizer), donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(models, experiment, action_tokenizer))
 
   @jax.jit
-  def answers_right(student, batch):
-    """Per row: (answer tokens right, answer tokens, whole answer right, the predicted
-    first answer token)."""
+  def predict(student, batch):
+    """Teacher-forced argmax token at every text position [B, T]."""
     out = step_lib.student_forward(models.student, student, batch)
-    predicted = jnp.argmax(step_lib.target_logits(experiment.model, out["logits"]), -1)
-    mask = jnp.asarray(batch["loss_mask"]) & jnp.asarray(batch["input_mask"])
-    right = (predicted == batch["tokens"]) & mask
-    first = jnp.take_along_axis(predicted, jnp.argmax(mask, axis=1)[:, None], axis=1)[:, 0]
-    return right.sum(1), mask.sum(1), jnp.all(right | ~mask, axis=1), first
+    return jnp.argmax(step_lib.target_logits(experiment.model, out["logits"]), -1)
 
   rows = _task_rows(config, num_spatial, len(scene["images"]))
   # Kinds of the held-out questions: every kind in turn, so each one is measured.
@@ -341,30 +356,27 @@ def pretrain_vlm(models: Any, experiment: Experiment, params: Dict[str, Any],
     out = {}
     for task in config.tasks:
       test_rows, kinds = rows[task][1], test_kinds[task]
-      l1, number_accuracy, right, count, exact, boards = [], [], 0, 0, [], []
+      answers = {"right": [], "tokens": [], "exact": [], "number_right": [], "numbers": [],
+                 "l1": [], "boards": []}
       for start in range(0, len(test_rows), 48):
-        batch_rows, batch_kinds = test_rows[start:start + 48], kinds[start:start + 48]
-        batch = make_batch(task, batch_rows, batch_kinds)
-        metrics = eval_step(state, frozen, batch)
-        numbers = int((action_tokenizer.is_action_token(batch["tokens"]) &
-                       batch["loss_mask"]).any(1).sum())  # rows with a number answer
-        if numbers:
-          l1.append((float(metrics["action/l1"]), numbers))
-          number_accuracy.append(float(metrics["action/token_accuracy"]))
-        r, c, e, first = jax.device_get(answers_right(student, batch))
-        right, count, exact = right + int(r.sum()), count + int(c.sum()), exact + list(e)
+        batch_kinds = kinds[start:start + 48]
+        batch = make_batch(task, test_rows[start:start + 48], batch_kinds)
+        predicted = np.asarray(predict(student, batch))
+        _score_answers(predicted, batch, action_tokenizer, answers)
         if task == "vlthink":  # "where is ...": is the predicted x nearest the right board?
           where = batch_kinds < 3
-          boards += list(_nearest_board(action_tokenizer.decode(first[where])) ==
-                         _nearest_board(batch["actions"][where, 0]))
+          first = np.argmax(batch["loss_mask"][where], axis=1)
+          x = action_tokenizer.decode(predicted[where][np.arange(len(first)), first])
+          answers["boards"] += list(_nearest_board(x) ==
+                                    _nearest_board(batch["actions"][where, 0]))
+      right, count, exact = sum(answers["right"]), sum(answers["tokens"]), answers["exact"]
       out[f"{task}/token_accuracy"] = right / max(count, 1)
       out[f"{task}/exact"] = float(np.mean(exact))
-      if boards:
-        out[f"{task}/board_accuracy"] = float(np.mean(boards))
-      if l1:
-        out[f"{task}/l1"] = float(sum(v * n for v, n in l1) / sum(n for _, n in l1))
-        # Batch means of the number tokens' accuracy, as the spatial stage always reported.
-        out[f"{task}/number_accuracy"] = float(np.mean(number_accuracy))
+      if answers["boards"]:
+        out[f"{task}/board_accuracy"] = float(np.mean(answers["boards"]))
+      if answers["l1"]:
+        out[f"{task}/l1"] = float(np.mean(answers["l1"]))
+        out[f"{task}/number_accuracy"] = sum(answers["number_right"]) / sum(answers["numbers"])
     return out
 
   before = evaluate(state)
