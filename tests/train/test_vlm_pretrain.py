@@ -157,15 +157,15 @@ def test_task_options_are_checked_and_spatial_only_keeps_its_cache_key():
   np.testing.assert_allclose(mixed.probabilities(), [0.75, 0.25])
 
 
-def test_vlthink_questions_need_vlthink_renders(experiment, tmp_path):
+def test_vlthink_questions_need_vlthink_renders(experiment, tokenizer):
+  cache, _ = tokenizer  # its tokenizer is built: nothing below trains or renders
   vlm = vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "vlthink"))
   config = pretrain.PretrainConfig(teacher_extra_splits=("carrot",))
   with pytest.raises(ConfigError, match="name no vlthink_"):
-    pretrain.ensure_pretrained(experiment, config, str(tmp_path), parts=("student",),
-                               vlm_config=vlm)
+    pretrain.ensure_pretrained(experiment, config, cache, parts=("student",), vlm_config=vlm)
   # Different VL-Think renders make a different VLM: they are part of its cache key.
   keys = {pretrain.ensure_pretrained(
-      experiment, pretrain.PretrainConfig(teacher_extra_splits=splits), str(tmp_path),
+      experiment, pretrain.PretrainConfig(teacher_extra_splits=splits), cache,
       parts=(), vlm_config=vlm)["student"] for splits in (("vlthink_shape",),
                                                          ("vlthink_colour",))}
   assert len(keys) == 2
