@@ -38,6 +38,7 @@ def test_vmapped_step_equals_looped_step():
   assert float(np.abs(obs["state"][:, :3] - env.EE_START).max()) > 0.05  # it moved
 
 
+@pytest.mark.slow  # the fast path keeps the vmapped-vs-looped check of the same batch
 def test_chunked_step_equals_one_vmap():
   """`step_batch` renders large batches `chunk` environments at a time (`SIM_CHUNK`):
   3 environments in chunks of 2 (a full chunk and a remainder) step and render exactly as
