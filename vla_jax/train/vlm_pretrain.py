@@ -314,7 +314,7 @@ def pretrain_vlm(models: Any, experiment: Experiment, params: Dict[str, Any],
     raise InputError("VLMPretrainConfig.tasks includes 'vlthink' but no VL-Think renders "
                      "were given (vlthink_scene).")
   num_spatial = len(scene["images"])
-  if vlthink_scene is not None and "vlthink" in config.tasks:
+  if "vlthink" in config.tasks:  # (checked above: its renders were given)
     boards = np.flatnonzero(vlthink_scene["vlthink_family"] != "")  # VL-Think frames only
     scene = {k: np.concatenate([scene[k], vlthink_scene[k][boards]]) for k in scene}
   experiment = dataclasses.replace(
