@@ -11,6 +11,9 @@ Usage: `python -m vla_jax.main --config=configs/study.py[:PRESET] --mode=study -
            concept questions (`vla_jax.train.vlm_pretrain`: 5000 steps, 30 % spatial
            questions as the default's 1500, 10 % captions, 60 % VL-Think questions);
            the teacher and the student's vision pretraining are the default's (same cache)
+  vlm_continued  the default's VLM (spatial questions only, cached) trained on for 3000
+           more steps on all three tasks (35 % spatial, 10 % captions, 55 % VL-Think), so
+           the spatial skill the policy needs is learned first and kept
   smoke    a few steps of every stage and a few episodes, for the test suite
 Every key of configs/align.py can be overridden as there (--config.train.num_steps=...),
 and the study's own under --config.study.* (e.g. --config.study.seeds=0,1).
@@ -26,7 +29,7 @@ import align  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vla_jax import study as study_lib  # pylint: disable=wrong-import-position
 
-PRESETS = ("default", "siglip_teacher", "vlm_tasks", "smoke")
+PRESETS = ("default", "siglip_teacher", "vlm_tasks", "vlm_continued", "smoke")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -47,6 +50,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # As many spatial-question steps as the default's 1500; captions and concepts on top.
     config.study.vlm_pretrain = dict(steps=5000, tasks=("spatial", "caption", "vlthink"),
                                      task_weights=(0.3, 0.1, 0.6))
+  if preset == "vlm_continued":
+    # continue_from={} is the default's spatial-only stage, already cached by the default.
+    config.study.vlm_pretrain = dict(steps=3000, tasks=("spatial", "caption", "vlthink"),
+                                     task_weights=(0.35, 0.1, 0.55), continue_from={})
   if preset == "smoke":
     # Every stage runs and feeds the next; nothing here is meant to be a result.
     config.study.seeds = (0,)
@@ -55,7 +62,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     config.study.probe_images_per_object = 4
     config.study.pretrain = dict(splits=("train",), episodes_per_split=4,
                                  frames_per_episode=2, steps=3, batch_size=8, warmup_steps=1)
-    config.study.vlm_pretrain = dict(steps=3, batch_size=4, warmup_steps=1)
+    # A VLM stage that continues another, as vlm_continued's does.
+    config.study.vlm_pretrain = dict(steps=3, batch_size=4, warmup_steps=1,
+                                     continue_from=dict(steps=3, batch_size=4, warmup_steps=1))
     # A two-block LLM and one-block towers: the stages compile in seconds.
     config.model.llm.depth = 2
     config.model.siglip.depth = 1

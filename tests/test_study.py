@@ -115,6 +115,19 @@ def test_stages_feed_each_other(smoke):
   step_diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), tuned["llm"],
                                      params["student"]["llm"])
   assert max(jax.tree_util.tree_leaves(step_diff)) < 0.1  # 3 steps from the VLM, not random
+  # The smoke VLM stage continues another: it starts where that one ended (its held-out
+  # answers before training are the other's after), and that one is cached on its own.
+  from vla_jax.train import pretrain, vlm_pretrain  # pylint: disable=g-import-not-at-top
+  vlm = from_mapping(vlm_pretrain.VLMPretrainConfig, dict(study.vlm_pretrain))
+  setup = from_mapping(pretrain.PretrainConfig, dict(study.pretrain))
+  first = pretrain.ensure_pretrained(experiment, setup, parts=(),
+                                     vlm_config=vlm.continue_from)["student"]
+  assert os.path.exists(first) and first != weights["student"]
+  with open(pretrain.metrics_path(first)) as f, \
+       open(pretrain.metrics_path(weights["student"])) as g:
+    first_metrics, continued_metrics = json.load(f), json.load(g)
+  assert continued_metrics["l1_before"] == pytest.approx(first_metrics["l1"], rel=1e-6)
+  assert continued_metrics["l1_before"] != pytest.approx(first_metrics["l1_before"], rel=1e-6)
 
 
 @pytest.mark.slow  # the smoke study (every stage, a few steps)
@@ -207,3 +220,14 @@ def test_vlm_tasks_preset_adds_captions_and_concepts_to_the_default_vlm_stage():
   assert dict(study.pretrain) == {}  # the teacher and the towers' pretraining are shared
   assert from_mapping(pretrain.PretrainConfig, dict(study.pretrain)).teacher_extra_splits == (
       pretrain.TEACHER_EXTRA_SPLITS)
+
+
+def test_vlm_continued_preset_continues_the_default_vlm():
+  from vla_jax.train import vlm_pretrain  # pylint: disable=g-import-not-at-top
+  config = load_config(REPO / "configs" / "study.py", "vlm_continued")
+  study = from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study")
+  vlm = from_mapping(vlm_pretrain.VLMPretrainConfig, dict(study.vlm_pretrain),
+                     "study.vlm_pretrain")
+  assert vlm.tasks == ("spatial", "caption", "vlthink")
+  assert vlm.continue_from == vlm_pretrain.VLMPretrainConfig()  # the default's VLM, cached
+  assert dict(study.pretrain) == {}  # the teacher and the towers' pretraining are shared

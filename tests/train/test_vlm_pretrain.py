@@ -1,5 +1,6 @@
 """VLM pretraining: questions encode the scene, the student learns them, files load safely."""
 
+import dataclasses
 import json
 
 import chex
@@ -155,6 +156,28 @@ def test_task_options_are_checked_and_spatial_only_keeps_its_cache_key():
   mixed = vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "caption"), task_weights=(3, 1))
   assert mixed.cache_setup()["tasks"] == ("spatial", "caption")
   np.testing.assert_allclose(mixed.probabilities(), [0.75, 0.25])
+
+
+def test_a_continued_stage_is_keyed_by_the_stage_it_continues(experiment, tokenizer):
+  cache, _ = tokenizer  # nothing below trains or renders (parts=())
+  continued = vlm_pretrain.VLMPretrainConfig(tasks=("spatial", "caption"), continue_from={})
+  assert continued.continue_from == vlm_pretrain.VLMPretrainConfig()  # {}: the default stage
+  assert continued.cache_setup()["continue_from"] == vlm_pretrain.VLMPretrainConfig().cache_setup()
+  with pytest.raises(ConfigError, match="vlm_pretrain.continue_from.stepz"):
+    vlm_pretrain.VLMPretrainConfig(continue_from={"stepz": 3})
+  config = pretrain.PretrainConfig(teacher_extra_splits=("vlthink_shape",))
+  path = lambda vlm: pretrain.ensure_pretrained(experiment, config, cache, parts=(),
+                                                vlm_config=vlm)["student"]
+  # Continuing another base (here: one with more steps) is another VLM; so is a fresh start.
+  keys = {path(continued), path(dataclasses.replace(continued, continue_from={"steps": 9})),
+          path(dataclasses.replace(continued, continue_from=None)),
+          path(vlm_pretrain.VLMPretrainConfig())}
+  assert len(keys) == 4
+  # The stage it continues is checked too: VL-Think questions need VL-Think renders.
+  with pytest.raises(ConfigError, match="name no vlthink_"):
+    pretrain.ensure_pretrained(
+        experiment, pretrain.PretrainConfig(teacher_extra_splits=()), cache, parts=(),
+        vlm_config=vlm_pretrain.VLMPretrainConfig(continue_from={"tasks": ("vlthink",)}))
 
 
 def test_vlthink_questions_need_vlthink_renders(experiment, tokenizer):

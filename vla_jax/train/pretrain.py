@@ -386,6 +386,22 @@ def file_digest(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
+def _vlm_setup(vlm_config: Any, config: PretrainConfig) -> Dict[str, Any]:
+  """What a VLM stage's student depends on besides the model, the vision pretraining's
+  renders and the tokenizer (hashed into its cache key), with the stages it continues."""
+  setup = vlm_config.cache_setup()
+  if "vlthink" in vlm_config.tasks:
+    if not any(split.startswith("vlthink_") for split in config.teacher_extra_splits):
+      raise ConfigError("vlm_pretrain.tasks includes 'vlthink', whose questions are asked "
+                        "about renders of pretrain.teacher_extra_splits, but those name no "
+                        f"vlthink_* split ({tuple(config.teacher_extra_splits)!r}); keep "
+                        "the default (every VL-Think family).")
+    setup["vlthink_splits"] = config.teacher_extra_splits
+  if vlm_config.continue_from is not None:
+    setup["continue_from"] = _vlm_setup(vlm_config.continue_from, config)
+  return setup
+
+
 def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainConfig(),
                       cache_dir: Optional[str] = None, *, progress: bool = True,
                       parts: Tuple[str, ...] = ("student_vision", "teacher"),
@@ -398,7 +414,8 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
       "student" (`vla_jax.train.vlm_pretrain`) starts from the student vision and uses
       the bundled tokenizer.
     vlm_config: `vlm_pretrain.VLMPretrainConfig` of the "student" stage (default: its
-      defaults).
+      defaults); a stage that continues another (`continue_from`) builds that one first
+      if it is missing (cached under its own key).
   Returns:
     {"student_vision": .npz of the student's towers + projector, "teacher": big_vision
      .npz of the teacher tower (a SigLIP teacher; a DINOv2 teacher is not pretrained
@@ -422,23 +439,22 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
           root, f"teacher_{teacher_digest}.npz"),
   }
   vlm_config = vlm_config or vlm_pretrain.VLMPretrainConfig()
-  vlm_setup = vlm_config.cache_setup()
-  if "vlthink" in vlm_config.tasks:
-    if not any(split.startswith("vlthink_") for split in config.teacher_extra_splits):
-      raise ConfigError("vlm_pretrain.tasks includes 'vlthink', whose questions are asked "
-                        "about renders of pretrain.teacher_extra_splits, but those name no "
-                        f"vlthink_* split ({tuple(config.teacher_extra_splits)!r}); keep "
-                        "the default (every VL-Think family).")
-    vlm_setup["vlthink_splits"] = config.teacher_extra_splits
   tokenizer_path = bundled.bundled_tokenizer_path(cache_dir)
   tokenizer_digest = file_digest(tokenizer_path)
   paths["student"] = os.path.join(root, "student_" + _digest(
-      _student_config(experiment), setup, vlm_setup, tokenizer_digest) + ".npz")
-  if "student" in parts and not os.path.exists(paths["student"]):
+      _student_config(experiment), setup, _vlm_setup(vlm_config, config),
+      tokenizer_digest) + ".npz")
+  if ("student" in parts and not os.path.exists(paths["student"]) and
+      vlm_config.continue_from is None):
     parts = tuple(parts) + ("student_vision",)  # the VLM stage starts from it
   missing = [k for k, p in paths.items() if k in parts and p and not os.path.exists(p)]
   if not missing:
     return paths
+  start_student = ""  # the VLM this stage continues (built first if missing)
+  if "student" in missing and vlm_config.continue_from is not None:
+    start_student = ensure_pretrained(experiment, config, cache_dir, progress=progress,
+                                      parts=("student",),
+                                      vlm_config=vlm_config.continue_from)["student"]
   os.makedirs(root, exist_ok=True)
   start = time.perf_counter()
   logging.info("Pretraining %s on tabletop renders (first use; cached in %s).",
@@ -467,8 +483,12 @@ def ensure_pretrained(experiment: Experiment, config: PretrainConfig = PretrainC
       os.replace(os.path.join(tmp, "student_vision.npz"), paths["student_vision"])
     if "student" in missing:
       tokenizer = Tokenizer.from_path(tokenizer_path)
-      vision = load_student_vision(paths["student_vision"], experiment)
-      params = {**params, "student": {**params["student"], **vision}}
+      if start_student:
+        params = {**params, "student": load_student(start_student, experiment,
+                                                    tokenizer_digest)}
+      else:
+        vision = load_student_vision(paths["student_vision"], experiment)
+        params = {**params, "student": {**params["student"], **vision}}
       student, metrics = vlm_pretrain.pretrain_vlm(models, experiment, params, data,
                                                    tokenizer, vlm_config, progress=progress,
                                                    vlthink_scene=extra)

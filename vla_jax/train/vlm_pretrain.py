@@ -50,6 +50,7 @@ from vla_jax.data import batching
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.experiment import Experiment
 from vla_jax.text import Tokenizer
+from vla_jax.typed_config import from_mapping
 
 TABLE_SCALE = 0.22  # m: half the table's side
 HEIGHT_SCALE = 0.1  # m
@@ -92,6 +93,11 @@ class VLMPretrainConfig:
     task_weights: how often each task's batch is drawn (one task per step, same order as
       `tasks`; empty: equally often).
     max_length: text tokens of a question batch; caption_max_length: of a caption batch.
+    continue_from: the VLM stage this one continues (a VLMPretrainConfig, or a mapping of
+      its overrides; `{}` is the default spatial-only stage): its pretrained student,
+      built first if missing, is where this stage starts (fresh optimizer, warmup and
+      cosine decay over `steps`), instead of the pretrained vision towers over a random
+      LLM. None (the default): start from the vision towers.
   """
   steps: int = 1500
   batch_size: int = 16
@@ -102,8 +108,13 @@ class VLMPretrainConfig:
   tasks: Tuple[str, ...] = ("spatial",)
   task_weights: Tuple[float, ...] = ()
   caption_max_length: int = 144
+  continue_from: Any = None
 
   def __post_init__(self):
+    if self.continue_from is not None and not isinstance(self.continue_from,
+                                                         VLMPretrainConfig):
+      object.__setattr__(self, "continue_from", from_mapping(
+          VLMPretrainConfig, self.continue_from, "vlm_pretrain.continue_from"))
     unknown = [t for t in self.tasks if t not in TASKS]
     if unknown or not self.tasks or len(set(self.tasks)) != len(self.tasks):
       raise ConfigError(f"vlm_pretrain.tasks={tuple(self.tasks)!r}: name each of "
@@ -119,10 +130,14 @@ class VLMPretrainConfig:
     A spatial-only stage hashes as before the task options existed, so the VLMs already
     cached stay valid.
     """
-    setup = dataclasses.asdict(self)
+    setup = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     if tuple(self.tasks) == ("spatial",):
       for key in ("tasks", "task_weights", "caption_max_length"):
         del setup[key]
+    if self.continue_from is None:
+      del setup["continue_from"]
+    else:
+      setup["continue_from"] = self.continue_from.cache_setup()
     return setup
 
   def probabilities(self) -> np.ndarray:
