@@ -13,6 +13,7 @@ from vla_jax.errors import CheckpointError, ConfigError, InputError
 from vla_jax.eval import commands
 from vla_jax.eval import config as eval_config_lib
 from vla_jax.eval import policy as policy_lib
+from vla_jax.eval import sim_eval
 from vla_jax.experiment import load_config
 from vla_jax.sim import bundled
 from vla_jax.text import openvla_prompt, train_sentencepiece
@@ -106,6 +107,21 @@ def test_eval_sim_command_writes_its_folder_and_compares(trained):
   assert "again - workdir" in open(os.path.join(out, "compare.md")).read()
 
 
+def test_concurrent_evaluation_batches_act_as_one_at_a_time(trained):
+  """The VLA policy (jitted decoding, TF preprocessing) called from several threads at once
+  takes the same actions: every episode's frames and outcome are those of workers=1."""
+  _, workdir = trained
+  policy = policy_lib.load_policy(workdir)
+  runs = [sim_eval.evaluate(policy, ("carrot",), sim_eval.eval_seeds(4), max_steps=4,
+                            batch_size=2, strip_episodes=2, progress=False, workers=w)
+          for w in (1, 2)]
+  assert runs[0]["splits"]["carrot"]["steps"] == runs[1]["splits"]["carrot"]["steps"]
+  assert runs[0]["splits"]["carrot"]["success"] == runs[1]["splits"]["carrot"]["success"]
+  frames = [r["frames"]["carrot"] for r in runs]  # the first batch's episodes, every step
+  assert frames[0].shape[:2] == (5, 2) and not np.array_equal(frames[0][0], frames[0][-1])
+  np.testing.assert_array_equal(frames[0], frames[1])
+
+
 def test_open_loop_command_reports_accuracy_and_l1_per_dimension(trained):
   config, workdir = trained
   settings = eval_config_lib.eval_config(config, {"open_loop_batches": 2})
@@ -129,9 +145,10 @@ def test_eval_speed_benchmark_runs_on_a_chunked_policy(trained, tmp_path):
   report = json.loads(out.read_text())
   assert report["action_horizon"] == 2
   (row,) = report["rollout"]
-  assert row["batch"] == 2 and sorted(row["episodes_per_s"]) == [
-      "VLA, KV cache", "VLA, recompute", "scripted expert"]
+  assert row["batch"] == 2 and sorted(row["episodes_per_s"]) == sorted([
+      "VLA, KV cache", "VLA, recompute", "scripted expert", "VLA, KV cache, 2 x B at once"])
   assert all(0 < rate < float("inf") for rate in row["episodes_per_s"].values())
+  assert row["workers_ratio"] > 0
   (decode,) = report["decode"]
   assert decode["cache_ms"] > 0 and decode["recompute_ms"] > 0
   assert "KV cache / recompute" in result.stdout

@@ -53,6 +53,18 @@ def test_scripted_policy_scores_its_known_success(scripted_results):
   assert scripted_results["axes"]["vision"] == scripted_results["splits"]["tex03"]["rate"]
 
 
+def test_concurrent_batches_give_the_same_results(scripted_results):
+  # Two batches per split, three at once: results land in their split's seed order.
+  parallel = sim_eval.evaluate(rollout.scripted_policy(), SPLITS, SEEDS, max_steps=STEPS,
+                               batch_size=BATCH, progress=False, workers=3)
+  for split in SPLITS:
+    for key in ("success", "steps", "instructions", "seeds"):
+      assert parallel["splits"][split][key] == scripted_results["splits"][split][key]
+    np.testing.assert_array_equal(parallel["frames"][split], scripted_results["frames"][split])
+  with pytest.raises(ConfigError, match="workers must be >= 1"):
+    sim_eval.evaluate(rollout.scripted_policy(), SPLITS, SEEDS, workers=0, progress=False)
+
+
 def test_random_policy_scores_near_zero_and_is_reproducible():
   first = sim_eval.evaluate(rollout.random_policy(3), SPLITS, SEEDS, max_steps=STEPS,
                             batch_size=BATCH, progress=False, strip_episodes=0)

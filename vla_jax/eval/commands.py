@@ -74,7 +74,8 @@ def run_eval_sim(config: Any, workdir: str, settings: EvalConfig,
                               sim_eval.eval_seeds(settings.seeds, settings.first_seed),
                               max_steps=settings.max_steps,
                               batch_size=settings.batch_size or None,
-                              strip_episodes=settings.strip_episodes)
+                              strip_episodes=settings.strip_episodes,
+                              workers=settings.workers)
   paths = sim_eval.write_report(results, out_dir, title=os.path.basename(
       os.path.abspath(workdir)))
   summary = {"paths": paths, "axes": results["axes"],

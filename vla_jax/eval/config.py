@@ -24,6 +24,8 @@ class EvalConfig:
       episodes disjoint from the default one).
     max_steps: episode limit (the paper: 80).
     batch_size: environments per batch (0 = all seeds of a split at once).
+    workers: batches rolled out at once, each in its own thread (`sim_eval.evaluate`;
+      results do not depend on it).
     strip_episodes: rollout strips kept per split.
     step: checkpoint step (0 = latest).
     execute_steps: actions of each predicted chunk executed before the policy observes
@@ -40,6 +42,7 @@ class EvalConfig:
   first_seed: int = 0
   max_steps: int = 80
   batch_size: int = 0
+  workers: int = 2
   strip_episodes: int = 2
   step: int = 0
   execute_steps: int = 0
@@ -55,6 +58,8 @@ class EvalConfig:
     require(self.seeds > 0, f"eval.seeds must be > 0, got {self.seeds}.")
     require(self.first_seed >= 0, f"eval.first_seed must be >= 0, got {self.first_seed}.")
     require(self.max_steps > 0, f"eval.max_steps must be > 0, got {self.max_steps}.")
+    require(self.workers >= 1, f"eval.workers must be >= 1 (batches rolled out at once), "
+            f"got {self.workers}.")
     require(self.execute_steps >= 0, f"eval.execute_steps must be >= 0 (0 = the whole "
             f"chunk), got {self.execute_steps}.")
     for name in self.splits:

@@ -4,12 +4,14 @@
 default every OOD split of the paper plus the VL-Think suite), all seeds of a split as one
 batch of environments (`sim.rollout`, vmapped and jitted), and returns per-split success
 with a 95 % Wilson interval, the mean per axis (semantic, vision, execution, vlthink) and a
-few episodes' frames. `write_report` turns that into `results.json`, `table.md` (the
+few episodes' frames; `workers` batches are rolled out at once, each in its own thread
+(results do not depend on it). `write_report` turns that into `results.json`, `table.md` (the
 paper's Table 1 layout: axis / environment / success), `success.png` and rollout strips.
 `compare({name: results})` pairs two or more checkpoints over their shared seeds: paired
 differences and a one-sided paired Wilcoxon signed-rank test (`scipy.stats.wilcoxon`).
 """
 
+import concurrent.futures
 import json
 import math
 import os
@@ -67,7 +69,7 @@ def eval_seeds(count: int, first: int = 0) -> List[int]:
 def evaluate(policy: rollout_lib.Policy, splits: Sequence[str] = EVAL_SPLITS,
              seeds: Sequence[int] = tuple(eval_seeds(16)), *, max_steps: int = 80,
              image_size: int = 64, batch_size: Optional[int] = None, strip_episodes: int = 2,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, workers: int = 1) -> Dict[str, Any]:
   """Rolls `policy` out on each split for each seed.
 
   Args:
@@ -79,6 +81,10 @@ def evaluate(policy: rollout_lib.Policy, splits: Sequence[str] = EVAL_SPLITS,
     image_size: rendered image side (the policy preprocesses to its own resolution).
     batch_size: environments per batch (default: all seeds of a split at once).
     strip_episodes: keep the frames of the first K episodes of each split.
+    workers: batches rolled out at once, each by its own thread. The policy's jitted calls
+      release the GIL, and XLA:CPU runs one small decoding call on less than two cores:
+      two concurrent batches of 16 decode 1.6x the rows per second of one. Batches are
+      the same whatever the number of workers, and so are the results.
   Returns:
     {"splits": {name: {"axis", "seeds" [n], "success" [n] bool list, "steps" [n],
      "instructions" [n], "rate", "ci95" [low, high]}}, "axes": {axis: mean rate},
@@ -91,19 +97,37 @@ def evaluate(policy: rollout_lib.Policy, splits: Sequence[str] = EVAL_SPLITS,
   batch_size = batch_size or len(seeds)
   chunks = [(name, seeds[i:i + batch_size]) for name in splits
             for i in range(0, len(seeds), batch_size)]
-  outcomes: Dict[str, List[rollout_lib.RolloutResult]] = {name: [] for name in splits}
+  if int(workers) < 1:
+    raise ConfigError(f"eval workers must be >= 1 (batches rolled out at once), got {workers}.")
+
+  def run(index):
+    name, chunk = chunks[index]
+    first_of_split = index == 0 or chunks[index - 1][0] != name
+    return rollout_lib.rollout(policy, name, chunk, max_steps=max_steps,
+                               image_size=image_size,
+                               frames=strip_episodes > 0 and first_of_split, progress=False)
+
+  results_by_chunk: Dict[int, rollout_lib.RolloutResult] = {}
   start = time.perf_counter()
   bar = tqdm.tqdm(total=len(splits) * len(seeds), desc="eval_sim", unit="episode",
                   disable=not progress)
-  for name, chunk in chunks:
-    keep_frames = strip_episodes > 0 and not outcomes[name]
-    result = rollout_lib.rollout(policy, name, chunk, max_steps=max_steps,
-                                 image_size=image_size, frames=keep_frames, progress=False)
-    outcomes[name].append(result)
-    bar.update(len(chunk))
-    bar.set_postfix(split=name, success=f"{result.success_rate:.2f}")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=int(workers)) as pool:
+    futures = {pool.submit(run, i): i for i in range(len(chunks))}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        result = future.result()
+        results_by_chunk[futures[future]] = result
+        bar.update(len(result.seeds))
+        bar.set_postfix(split=result.split, success=f"{result.success_rate:.2f}")
+    except BaseException:
+      for future in futures:  # do not start batches nobody will read
+        future.cancel()
+      raise
   bar.close()
   seconds = time.perf_counter() - start
+  outcomes: Dict[str, List[rollout_lib.RolloutResult]] = {name: [] for name in splits}
+  for index, (name, _) in enumerate(chunks):
+    outcomes[name].append(results_by_chunk[index])
 
   per_split, frames = {}, {}
   for name, results in outcomes.items():
