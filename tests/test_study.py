@@ -207,27 +207,19 @@ def test_siglip_teacher_preset_pretrains_the_teacher_on_captions():
   assert dict(study.vlm_pretrain) == {}  # the student's pretraining is the default's
 
 
-def test_vlm_tasks_preset_adds_captions_and_concepts_to_the_default_vlm_stage():
+@pytest.mark.parametrize("preset", ["vlm_tasks", "vlm_continued"])
+def test_vlm_presets_add_captions_and_concepts_to_the_default_vlm_stage(preset):
   from vla_jax.train import pretrain, vlm_pretrain  # pylint: disable=g-import-not-at-top
-  config = load_config(REPO / "configs" / "study.py", "vlm_tasks")
+  config = load_config(REPO / "configs" / "study.py", preset)
   study = from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study")
   vlm = from_mapping(vlm_pretrain.VLMPretrainConfig, dict(study.vlm_pretrain),
                      "study.vlm_pretrain")
   assert vlm.tasks == ("spatial", "caption", "vlthink")
-  # As many spatial-question steps as the default stage takes.
   default = vlm_pretrain.VLMPretrainConfig()
-  assert vlm.steps * vlm.probabilities()[0] == pytest.approx(default.steps)
+  if preset == "vlm_tasks":  # as many spatial-question steps as the default stage takes
+    assert vlm.steps * vlm.probabilities()[0] == pytest.approx(default.steps)
+  else:  # on top of the default's VLM, cached
+    assert vlm.continue_from == default
   assert dict(study.pretrain) == {}  # the teacher and the towers' pretraining are shared
   assert from_mapping(pretrain.PretrainConfig, dict(study.pretrain)).teacher_extra_splits == (
       pretrain.TEACHER_EXTRA_SPLITS)
-
-
-def test_vlm_continued_preset_continues_the_default_vlm():
-  from vla_jax.train import vlm_pretrain  # pylint: disable=g-import-not-at-top
-  config = load_config(REPO / "configs" / "study.py", "vlm_continued")
-  study = from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study")
-  vlm = from_mapping(vlm_pretrain.VLMPretrainConfig, dict(study.vlm_pretrain),
-                     "study.vlm_pretrain")
-  assert vlm.tasks == ("spatial", "caption", "vlthink")
-  assert vlm.continue_from == vlm_pretrain.VLMPretrainConfig()  # the default's VLM, cached
-  assert dict(study.pretrain) == {}  # the teacher and the towers' pretraining are shared
