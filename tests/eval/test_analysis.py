@@ -142,6 +142,7 @@ def test_visual_attention_ignores_padding_and_normalises(any_student):
 
 
 # ---------------------------------------------------------------------------- t-SNE
+@pytest.mark.slow  # 12 s: the fast path keeps the probe and attention checks of this module
 def test_object_token_positions_and_tsne_plot(student, tokenizer, tmp_path):
   model, params = student
   names = ["red cube", "carrot"]
