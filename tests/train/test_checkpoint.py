@@ -185,9 +185,11 @@ def damage(item_dir, how):
   before = _read_item(item_dir)
   files = sorted((f for f in pathlib.Path(item_dir).rglob("*") if f.is_file() and "/d/" in str(f)),
                  key=lambda f: -f.stat().st_size)
-  for path in files[:3]:
+  # A flip can land where nothing reads it (stale B-tree nodes, padding): try many places.
+  flips = (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8, 0.1, 0.9, 0.05, 0.95)
+  for path in files[:3] if how == "truncate" else files:
     data = path.read_bytes()
-    for fraction in ((0.5, 0.25, 0.1) if how == "truncate" else (0.5, 0.4, 0.6, 0.3, 0.7)):
+    for fraction in ((0.5, 0.25, 0.1) if how == "truncate" else flips):
       damaged = bytearray(data[:int(len(data) * fraction)] if how == "truncate" else data)
       if how == "flip":
         damaged[int(len(data) * fraction)] ^= 0x04
