@@ -101,7 +101,7 @@ def main():
   parser.add_argument("--max_steps", type=int, default=80)
   parser.add_argument("--split", default="carrot")
   parser.add_argument("--workers", type=int, default=2,
-                      help="batches rolled out at once by the eval_sim path (0: skip it)")
+                      help="batches rolled out at once by the eval_sim path (1 or less: skip it)")
   parser.add_argument("--smoke", action="store_true",
                       help="B=2, 8 steps, one repeat, 2 decoder calls: checks the script runs")
   parser.add_argument("--json", default="", help="also write the numbers to this file")
