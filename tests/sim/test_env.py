@@ -21,6 +21,7 @@ def test_reset_is_deterministic_given_the_key():
       not np.array_equal(first.rec_id[0], first.rec_id[1])
 
 
+@pytest.mark.slow  # 16 s (two compiled batch sizes); the fast path keeps the expert's rollouts
 def test_vmapped_step_equals_looped_step():
   keys = rollout.seed_keys([0, 1, 2])
   batch = rollout.reset_batch(keys, "train")
@@ -38,7 +39,7 @@ def test_vmapped_step_equals_looped_step():
   assert float(np.abs(obs["state"][:, :3] - env.EE_START).max()) > 0.05  # it moved
 
 
-@pytest.mark.slow  # the fast path keeps the vmapped-vs-looped check of the same batch
+@pytest.mark.slow
 def test_chunked_step_equals_one_vmap():
   """`step_batch` renders large batches `chunk` environments at a time (`SIM_CHUNK`):
   3 environments in chunks of 2 (a full chunk and a remainder) step and render exactly as

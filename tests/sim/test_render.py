@@ -59,7 +59,7 @@ def test_fast_render_matches_on_every_split(split):
   _assert_same(states, 64, "v1")
 
 
-@pytest.mark.parametrize("size", [24, 96])
+@pytest.mark.parametrize("size", [24, pytest.param(96, marks=pytest.mark.slow)])  # 96: 7 s
 def test_fast_render_matches_at_other_resolutions(size):
   states = _expert_states("multi_plate", range(2), 13)
   _assert_same(states, size, "reference")

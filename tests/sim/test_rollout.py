@@ -9,7 +9,7 @@ from vla_jax.errors import InputError
 from vla_jax.sim import env, rollout
 
 
-@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("size", [64, pytest.param(224, marks=pytest.mark.slow)])  # 224: 8 s
 def test_render_any_resolution_shows_the_effector(size):
   state = env.reset(jax.random.key(0), "train")
   image = np.asarray(jax.jit(env.render, static_argnums=1)(state, size))

@@ -222,7 +222,8 @@ def _train_and_save(run, directory, steps, max_to_keep=3):
 
 
 @pytest.mark.parametrize("how,fault", [("flip", "does not match the checksum"),
-                                       ("truncate", "a file cannot be read")])
+                                       pytest.param("truncate", "a file cannot be read",
+                                                    marks=pytest.mark.slow)])  # 7 s
 def test_corrupt_latest_checkpoint_falls_back_and_training_continues(run, tmp_path, caplog,
                                                                     how, fault):
   experiment, _, create, train_step, batches = run
