@@ -109,9 +109,12 @@ def test_llm_prefill_then_steps_equal_one_full_forward(preset, scan, remat):
   full, _ = apply(params, embeddings, attn_mask=attn_mask, positions=positions)
 
   cache = llm_lib.init_kv_cache(config, batch, length)
-  chex.assert_shape([cache.k, cache.v], (config.depth, batch, length,
-                                         config.effective_num_kv_heads,
-                                         config.effective_head_dim))
+  layer_shape = (batch, config.effective_num_kv_heads, length, config.effective_head_dim)
+  if scan:  # one stacked buffer, scanned with the layers
+    chex.assert_shape([cache.k, cache.v], (config.depth, *layer_shape))
+  else:  # one buffer per layer, each updated in place
+    assert len(cache.k) == len(cache.v) == config.depth
+    chex.assert_shape([*cache.k, *cache.v], layer_shape)
   logits, out = apply(params, embeddings[:, :prompt], attn_mask=attn_mask[:, :prompt, :prompt],
                       positions=positions[:, :prompt], kv_cache=cache)
   np.testing.assert_allclose(logits[0], full[0, :prompt], atol=ATOL)
@@ -139,7 +142,8 @@ def test_llm_cache_rejects_bad_use():
   with pytest.raises(InputError, match="needs explicit positions"):
     jax.eval_shape(lambda p: model.apply(p, embeddings,
                                          kv_cache=llm_lib.init_kv_cache(config, 1, 8)), params)
-  with pytest.raises(InputError, match=r"needs keys \(2, 1, 8, 2, 16\)"):
+  with pytest.raises(InputError, match=r"needs keys \(1, 2, 8, 16\) \(batch, kv_heads, "
+                                       r"slots, head_dim\) per layer, as a tuple of 2"):
     jax.eval_shape(lambda p: model.apply(p, embeddings, positions=positions,
                                          kv_cache=llm_lib.init_kv_cache(config, 2, 8)), params)
   with pytest.raises(InputError, match="exceeds llm.max_position_embeddings"):

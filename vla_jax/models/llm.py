@@ -12,7 +12,7 @@ tuple of them) at a slice of positions (the visual tokens, for alignment) withou
 every layer's activations.
 
 Decoding with a KV cache: `init_kv_cache` allocates fixed-size key/value buffers
-(`KVCache`, [depth, B, max_len, K, hd]); `__call__(..., kv_cache=cache)` writes the keys
+(`KVCache`, [depth, B, K, max_len, hd]); `__call__(..., kv_cache=cache)` writes the keys
 and values of its T new tokens at slots [end, end + T) with `dynamic_update_slice`, lets
 them attend to every real token already cached plus, by `attn_mask`, to each other, and
 returns the updated cache in `out["kv_cache"]`. One call over the prompt (prefill) and
@@ -216,22 +216,24 @@ class KVCache:
   """Keys and values of the tokens decoded so far, in fixed-size buffers (a pytree).
 
   Attributes:
-    k, v: [depth, B, S, K, hd] in the compute dtype: slot s of layer i (keys after RoPE).
+    k, v: keys (after RoPE) and values in the compute dtype, slot s of layer i: a tuple of
+      depth [B, K, S, hd] buffers (a looped LLM: each layer updates its own in place), or
+      one [depth, B, K, S, hd] array (a scanned LLM, whose layers are one scan body).
     key_mask: [B, S] bool, True at slots that hold a real token; padding and the unused
       slots at and after `end` are False, so nothing ever attends to them.
     end: int32 scalar, the next slot to write. All rows write at the same slot; rows
       whose prompt was shorter simply carry masked padding slots in between, and their
       RoPE positions (given by the caller) skip those slots.
   """
-  k: jax.Array
-  v: jax.Array
+  k: Union[jax.Array, Tuple[jax.Array, ...]]
+  v: Union[jax.Array, Tuple[jax.Array, ...]]
   key_mask: jax.Array
   end: jax.Array
 
   @property
   def size(self) -> int:
     """S, the number of slots (static)."""
-    return self.k.shape[2]
+    return self.k[0].shape[2]  # layer 0's [B, K, S, hd], stacked or not
 
 
 def init_kv_cache(config: LLMConfig, batch: int, size: int) -> KVCache:
@@ -243,9 +245,13 @@ def init_kv_cache(config: LLMConfig, batch: int, size: int) -> KVCache:
     raise InputError(f"KV cache size {size} exceeds llm.max_position_embeddings "
                      f"({config.max_position_embeddings}); decode fewer tokens or use a "
                      "shorter prompt.")
-  shape = (config.depth, batch, size, config.effective_num_kv_heads, config.effective_head_dim)
+  shape = (batch, config.effective_num_kv_heads, size, config.effective_head_dim)
   dtype = jnp.dtype(config.dtype)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  if config.scan:
+    k = v = jnp.zeros((config.depth, *shape), dtype)
+  else:
+    k = v = tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
+  return KVCache(k=k, v=v,
                  key_mask=jnp.zeros((batch, size), jnp.bool_), end=jnp.zeros((), jnp.int32))
 
 
@@ -261,18 +267,17 @@ def _cached_attention_mask(attn_mask: jax.Array, cache: KVCache) -> jax.Array:
   return cache.key_mask[:, None, :] | new
 
 
-def _updated_cache(cache: KVCache, new_k: jax.Array, new_v: jax.Array,
+def _updated_cache(cache: KVCache, k: jax.Array, v: jax.Array,
                    attn_mask: jax.Array) -> KVCache:
-  """Writes T new keys/values [depth, B, T, K, hd] at slot `end` and advances it.
+  """The cache after a call that wrote its T new tokens' keys `k` / values `v` (the whole
+  [depth, B, K, S, hd] buffers, written layer by layer): marks their slots and advances `end`.
 
   A new slot stays visible to later tokens iff some new token attends to it: padding
   keys are attended by none (`causal_mask` and `prefix_lm_mask` exclude them).
   """
-  length = new_k.shape[2]
-  at = (0, 0, cache.end, 0, 0)
+  length = attn_mask.shape[1]
   real = jnp.any(attn_mask, axis=1)  # [B, T]
-  return KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), at),
-                 v=jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), at),
+  return KVCache(k=k, v=v,
                  key_mask=jax.lax.dynamic_update_slice(cache.key_mask, real, (0, cache.end)),
                  end=cache.end + length)
 
@@ -312,14 +317,18 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
   """Multi-head attention with RoPE and grouped key/value heads.
 
-  Returns (output [B, T, D], (k, v) of the T tokens [B, T, K, hd] each). With
-  `layer_cache` = (k, v) [B, S, K, hd] of this layer, the new keys are written at slot
-  `cache_end` and the queries attend over all S slots (`attn_mask` is then [B, T, S]).
+  Returns (output [B, T, D], the updated cache or None). With `cache` = (k, v, layer,
+  end), k and v the [depth, B, K, S, hd] buffers of every layer, the T new keys and values
+  are written into slots [end, end + T) of this `layer` and the queries attend over all S
+  slots of it (`attn_mask` is then [B, T, S]). Writing into the whole buffer and reading
+  this layer's slice of it lets XLA update the cache in place: a per-layer copy of it, or
+  of the buffers in a decoding loop's carry, costs more than the step's arithmetic at
+  small widths.
   """
   config: LLMConfig
 
   @nn.compact
-  def __call__(self, x, attn_mask, positions, layer_cache=None, cache_end=None):
+  def __call__(self, x, attn_mask, positions, cache=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     heads, kv_heads, head_dim = cfg.num_heads, cfg.effective_num_kv_heads, cfg.effective_head_dim
@@ -331,20 +340,33 @@ class Attention(nn.Module):
     v = dense(kv_heads * head_dim, "v_proj")(x).reshape(batch, length, kv_heads, head_dim)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
-    new_kv = (k, v)
-    if layer_cache is not None:
-      k = jax.lax.dynamic_update_slice(layer_cache[0], k.astype(layer_cache[0].dtype),
-                                       (0, cache_end, 0, 0))
-      v = jax.lax.dynamic_update_slice(layer_cache[1], v.astype(layer_cache[1].dtype),
-                                       (0, cache_end, 0, 0))
+    keys = "bskh"  # the layout of k and v: [B, S, K, hd]
+    new_cache = None
+    if cache is not None:
+      # The cache holds [depth, B, K, S, hd]: a layer's slice is then what the attention
+      # matmuls read, with no per-step transpose of the whole cache.
+      cache_k, cache_v, layer, end = cache
+      if layer is None:  # this layer's own [B, K, S, hd] buffers
+        write = lambda buffer, new: jax.lax.dynamic_update_slice(
+            buffer, new.astype(buffer.dtype).transpose(0, 2, 1, 3), (0, 0, end, 0))
+        k = cache_k = write(cache_k, k)
+        v = cache_v = write(cache_v, v)
+      else:  # every layer's, stacked [depth, B, K, S, hd] (a scanned LLM)
+        write = lambda buffer, new: jax.lax.dynamic_update_slice(
+            buffer, new.astype(buffer.dtype).transpose(0, 2, 1, 3)[None], (layer, 0, 0, end, 0))
+        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+        k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+      keys, new_cache = "bksh", (cache_k, cache_v)
     # Query head h reads kv head h // group (HF's repeat_kv order), so split H = K * G.
     group = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, group, head_dim) * jnp.asarray(head_dim ** -0.5, dtype)
-    logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k).astype(jnp.float32)
+    logits = jnp.einsum(f"bqkgh,{keys}->bkgqs", q, k).astype(jnp.float32)
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    encoded = jnp.einsum("bkgqs,bskh->bqkgh", probs, v).reshape(batch, length, heads * head_dim)
-    return dense(x.shape[-1], "o_proj")(encoded), new_kv
+    encoded = jnp.einsum(f"bkgqs,{keys}->bqkgh", probs, v).reshape(
+        batch, length, heads * head_dim)
+    return dense(x.shape[-1], "o_proj")(encoded), new_cache
 
 
 class MLP(nn.Module):
@@ -366,13 +388,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder block, written as a scan body over carry (x, captured, blocks_done).
+  """One decoder block, written as a scan body over carry (x, captured, blocks_done, cache).
 
   `captured` is None unless a scanned model captures layers: then it is a tuple of
   [B, count, D] buffers, buffer j overwritten (by a select on the traced counter) when
-  `blocks_done` reaches `capture_layers[j]`. `layer_cache` is None or this layer's cached
-  (k, v) (see Attention). Returns (new carry, (x if `emit_hidden` else None, the new
-  tokens' (k, v) if `layer_cache` is given else None)).
+  `blocks_done` reaches `capture_layers[j]`. `cache` is None or the (k, v) buffers of every
+  layer, [depth, B, K, S, hd] each, that this block (layer `blocks_done`) writes its new
+  tokens into from slot `cache_end` (see Attention). Returns (new carry, x if
+  `emit_hidden` else None).
   """
   config: LLMConfig
   capture_layers: Tuple[int, ...] = ()
@@ -380,12 +403,13 @@ class Block(nn.Module):
   emit_hidden: bool = False
 
   @nn.compact
-  def __call__(self, carry, attn_mask, positions, layer_cache=None, cache_end=None):
+  def __call__(self, carry, attn_mask, positions, cache_end=None):
     cfg = self.config
-    x, captured, blocks_done = carry
+    x, captured, blocks_done, cache = carry
     h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_attention_norm")(x)
-    attended, new_kv = Attention(cfg, name="attn")(h, attn_mask, positions, layer_cache,
-                                                   cache_end)
+    layer = None if cache is None or cache[0].ndim == 4 else blocks_done  # stacked: index it
+    attended, cache = Attention(cfg, name="attn")(
+        h, attn_mask, positions, None if cache is None else (*cache, layer, cache_end))
     x = x + attended
     h = RMSNorm(cfg.family, cfg.norm_eps, name="pre_ffw_norm")(x)
     x = shard_batch_axis(x + MLP(cfg, name="mlp")(h))
@@ -395,8 +419,7 @@ class Block(nn.Module):
                                     self.capture_start + captured[0].shape[1], axis=1)
       captured = tuple(jnp.where(blocks_done == layer, window, buffer)
                        for layer, buffer in zip(self.capture_layers, captured))
-    return (x, captured, blocks_done), (x if self.emit_hidden else None,
-                                        new_kv if layer_cache is not None else None)
+    return (x, captured, blocks_done, cache), x if self.emit_hidden else None
 
 
 class Embedder(nn.Module):
@@ -448,13 +471,18 @@ class LLM(nn.Module):
                        f"shape {tuple(embeddings.shape)}. Embed token ids with LLM.embed.")
     batch, length, _ = embeddings.shape
     if kv_cache is not None:
-      expected = (cfg.depth, batch, kv_cache.size, cfg.effective_num_kv_heads,
-                  cfg.effective_head_dim)
-      if tuple(kv_cache.k.shape) != expected or tuple(kv_cache.key_mask.shape) != (
-          batch, kv_cache.size):
-        raise InputError(f"kv_cache holds keys {tuple(kv_cache.k.shape)} and key_mask "
-                         f"{tuple(kv_cache.key_mask.shape)}; this call needs keys {expected} "
-                         "(depth, batch, slots, kv_heads, head_dim). Build it with "
+      layer_shape = (batch, cfg.effective_num_kv_heads, kv_cache.size, cfg.effective_head_dim)
+      shapes = lambda buffers: (tuple(tuple(b.shape) for b in buffers)
+                                if isinstance(buffers, tuple) else tuple(buffers.shape))
+      expected = (cfg.depth, *layer_shape) if cfg.scan else (layer_shape,) * cfg.depth
+      if (shapes(kv_cache.k) != expected or shapes(kv_cache.v) != expected
+          or tuple(kv_cache.key_mask.shape) != (batch, kv_cache.size)):
+        layout = ("one stacked array" if cfg.scan
+                  else f"a tuple of {cfg.depth} per-layer arrays")
+        raise InputError(f"kv_cache holds keys {shapes(kv_cache.k)} and key_mask "
+                         f"{tuple(kv_cache.key_mask.shape)}; this call needs keys "
+                         f"{layer_shape} (batch, kv_heads, slots, head_dim) per layer, as "
+                         f"{layout} (llm.scan={cfg.scan}). Build it with "
                          "init_kv_cache(config, batch, size).")
       if length > kv_cache.size:
         raise InputError(f"{length} new tokens do not fit a KV cache of {kv_cache.size} "
@@ -549,10 +577,10 @@ class LLM(nn.Module):
       attn_mask = causal_mask(jnp.ones((batch, length), jnp.bool_))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    layer_mask, cache_end, layer_caches = attn_mask, None, None
+    layer_mask, cache_end, cache = attn_mask, None, None
     if kv_cache is not None:
       layer_mask = _cached_attention_mask(attn_mask, kv_cache)
-      cache_end, layer_caches = kv_cache.end, (kv_cache.k, kv_cache.v)
+      cache_end, cache = kv_cache.end, (kv_cache.k, kv_cache.v)
 
     x = embeddings.astype(dtype)
     x_in = x
@@ -567,24 +595,26 @@ class LLM(nn.Module):
                        prevent_cse=not cfg.scan)
     blocks_done = jnp.zeros((), jnp.int32)
     if cfg.scan:
-      # The cache's leading depth axis is scanned alongside the stacked layer params.
+      # The cache rides in the carry; each layer writes its own slice of it.
       # In-layer LoRA factors (models/lora.py) are stacked per layer like the params.
       layers = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                        length=cfg.depth)(
                            cfg, capture_layers=capture_layers, capture_start=start,
                            emit_hidden=return_all_hidden, name="layers")
-      (x, captured, _), (stacked, new_kv) = layers(
-          (x, captured, blocks_done), layer_mask, positions, layer_caches, cache_end)
+      (x, captured, _, cache), stacked = layers(
+          (x, captured, blocks_done, cache), layer_mask, positions, cache_end)
       if return_all_hidden:
         all_hidden = jnp.concatenate([x_in[None], stacked], axis=0)
     else:
-      hidden, new_kvs = [x_in], []
+      hidden, new_k, new_v = [x_in], [], []
       for i in range(cfg.depth):
-        layer_cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-        (x, _, _), (_, layer_kv) = block(cfg, name=f"layers_{i}")(
-            (x, None, blocks_done), layer_mask, positions, layer_cache, cache_end)
-        new_kvs.append(layer_kv)
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+        (x, _, blocks_done, layer_cache), _ = block(cfg, name=f"layers_{i}")(
+            (x, None, blocks_done, layer_cache), layer_mask, positions, cache_end)
+        if cache is not None:
+          new_k.append(layer_cache[0])
+          new_v.append(layer_cache[1])
         if i + 1 in capture_layers:
           captured = tuple(x[:, start:start + count] if layer == i + 1 else buffer
                            for layer, buffer in zip(capture_layers, captured))
@@ -592,7 +622,8 @@ class LLM(nn.Module):
           hidden.append(x)
       if return_all_hidden:
         all_hidden = jnp.stack(hidden, axis=0)
-      new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kvs)
+      if cache is not None:
+        cache = (tuple(new_k), tuple(new_v))
 
     if self.is_initializing():
       # Untied models never read the table in __call__; `init` must still create it.
@@ -609,7 +640,7 @@ class LLM(nn.Module):
                         name="lm_head")(read_out)
     out = {"final_hidden": final_hidden}
     if kv_cache is not None:
-      out["kv_cache"] = _updated_cache(kv_cache, *new_kv, attn_mask)
+      out["kv_cache"] = _updated_cache(kv_cache, *cache, attn_mask)
     if capture_layers:
       out["captured"] = captured if several else captured[0]
     if return_all_hidden:
