@@ -364,8 +364,14 @@ class Attention(nn.Module):
     logits = jnp.einsum(f"bqkgh,{keys}->bkgqs", q, k).astype(jnp.float32)
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASKED_LOGIT)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    encoded = jnp.einsum(f"bkgqs,{keys}->bqkgh", probs, v).reshape(
-        batch, length, heads * head_dim)
+    if cache is None:
+      encoded = jnp.einsum("bkgqs,bskh->bqkgh", probs, v)
+    else:
+      # A plain batched matmul over the cache, [B, K, G*T, S] @ [B, K, S, hd]; asking
+      # for the [B, T, K, G, hd] order inside the einsum makes XLA:CPU compute it
+      # transposed, at twice the time of the whole q @ k step.
+      encoded = jnp.einsum("bkgqs,bksh->bkgqh", probs, v).transpose(0, 3, 1, 2, 4)
+    encoded = encoded.reshape(batch, length, heads * head_dim)
     return dense(x.shape[-1], "o_proj")(encoded), new_cache
 
 
