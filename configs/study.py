@@ -14,6 +14,10 @@ Usage: `python -m vla_jax.main --config=configs/study.py[:PRESET] --mode=study -
   vlm_continued  the default's VLM (spatial questions only, cached) trained on for 3000
            more steps on all three tasks (35 % spatial, 10 % captions, 55 % VL-Think), so
            the spatial skill the policy needs is learned first and kept
+  siglip_continued  both of the above: the image-caption teacher and the vlm_continued
+           VLM (the issue's stages 1 and 2 as written; each stage cached with its preset).
+           SFT and Freeze do not read the teacher, so their runs are vlm_continued's:
+           `--config.study.methods=align` runs only what differs
   smoke    a few steps of every stage and a few episodes, for the test suite
 Every key of configs/align.py can be overridden as there (--config.train.num_steps=...),
 and the study's own under --config.study.* (e.g. --config.study.seeds=0,1).
@@ -29,7 +33,8 @@ import align  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vla_jax import study as study_lib  # pylint: disable=wrong-import-position
 
-PRESETS = ("default", "siglip_teacher", "vlm_tasks", "vlm_continued", "smoke")
+PRESETS = ("default", "siglip_teacher", "vlm_tasks", "vlm_continued", "siglip_continued",
+           "smoke")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -44,13 +49,13 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                       probe_images_per_object=study.probe_images_per_object,
                       attention_object=study.attention_object,
                       pretrain={}, vlm_pretrain={}, cache_dir="")
-  if preset == "siglip_teacher":
+  if preset in ("siglip_teacher", "siglip_continued"):
     config.study.pretrain = dict(teacher_objective="siglip")
   if preset == "vlm_tasks":
     # As many spatial-question steps as the default's 1500; captions and concepts on top.
     config.study.vlm_pretrain = dict(steps=5000, tasks=("spatial", "caption", "vlthink"),
                                      task_weights=(0.3, 0.1, 0.6))
-  if preset == "vlm_continued":
+  if preset in ("vlm_continued", "siglip_continued"):
     # continue_from={} is the default's spatial-only stage, already cached by the default.
     config.study.vlm_pretrain = dict(steps=3000, tasks=("spatial", "caption", "vlthink"),
                                      task_weights=(0.35, 0.1, 0.55), continue_from={})

@@ -198,16 +198,22 @@ def test_study_config_rejects_what_it_cannot_run():
     study_lib.run_study(load_config(REPO / "configs" / "align.py"), "/nonexistent")
 
 
-def test_siglip_teacher_preset_pretrains_the_teacher_on_captions():
+@pytest.mark.parametrize("preset", ["siglip_teacher", "siglip_continued"])
+def test_siglip_teacher_presets_pretrain_the_teacher_on_captions(preset):
   from vla_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-  config = load_config(REPO / "configs" / "study.py", "siglip_teacher")
+  config = load_config(REPO / "configs" / "study.py", preset)
   study = from_mapping(study_lib.StudyConfig, config.study.to_dict(), "study")
   setup = from_mapping(pretrain.PretrainConfig, dict(study.pretrain), "study.pretrain")
   assert setup.teacher_objective == "siglip"
-  assert dict(study.vlm_pretrain) == {}  # the student's pretraining is the default's
+  if preset == "siglip_teacher":
+    assert dict(study.vlm_pretrain) == {}  # the student's pretraining is the default's
+  else:  # the vlm_continued preset's VLM stage, the same cache key
+    continued = load_config(REPO / "configs" / "study.py", "vlm_continued")
+    assert study.vlm_pretrain == from_mapping(
+        study_lib.StudyConfig, continued.study.to_dict(), "study").vlm_pretrain
 
 
-@pytest.mark.parametrize("preset", ["vlm_tasks", "vlm_continued"])
+@pytest.mark.parametrize("preset", ["vlm_tasks", "vlm_continued", "siglip_continued"])
 def test_vlm_presets_add_captions_and_concepts_to_the_default_vlm_stage(preset):
   from vla_jax.train import pretrain, vlm_pretrain  # pylint: disable=g-import-not-at-top
   config = load_config(REPO / "configs" / "study.py", preset)
@@ -220,6 +226,7 @@ def test_vlm_presets_add_captions_and_concepts_to_the_default_vlm_stage(preset):
     assert vlm.steps * vlm.probabilities()[0] == pytest.approx(default.steps)
   else:  # on top of the default's VLM, cached
     assert vlm.continue_from == default
-  assert dict(study.pretrain) == {}  # the teacher and the towers' pretraining are shared
+  if preset != "siglip_continued":  # the teacher and the towers' pretraining are shared
+    assert dict(study.pretrain) == {}
   assert from_mapping(pretrain.PretrainConfig, dict(study.pretrain)).teacher_extra_splits == (
       pretrain.TEACHER_EXTRA_SPLITS)
