@@ -12,7 +12,7 @@ tuple of them) at a slice of positions (the visual tokens, for alignment) withou
 every layer's activations.
 
 Decoding with a KV cache: `init_kv_cache` allocates fixed-size key/value buffers
-(`KVCache`, [depth, B, K, max_len, hd]); `__call__(..., kv_cache=cache)` writes the keys
+(`KVCache`, [B, K, max_len, hd] per layer); `__call__(..., kv_cache=cache)` writes the keys
 and values of its T new tokens at slots [end, end + T) with `dynamic_update_slice`, lets
 them attend to every real token already cached plus, by `attn_mask`, to each other, and
 returns the updated cache in `out["kv_cache"]`. One call over the prompt (prefill) and
@@ -269,8 +269,8 @@ def _cached_attention_mask(attn_mask: jax.Array, cache: KVCache) -> jax.Array:
 
 def _updated_cache(cache: KVCache, k: jax.Array, v: jax.Array,
                    attn_mask: jax.Array) -> KVCache:
-  """The cache after a call that wrote its T new tokens' keys `k` / values `v` (the whole
-  [depth, B, K, S, hd] buffers, written layer by layer): marks their slots and advances `end`.
+  """The cache after a call that wrote its T new tokens' keys `k` / values `v` into the
+  buffers (per layer or stacked, as `KVCache` holds them): marks their slots, advances `end`.
 
   A new slot stays visible to later tokens iff some new token attends to it: padding
   keys are attended by none (`causal_mask` and `prefix_lm_mask` exclude them).
@@ -314,16 +314,32 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def _write_slots(buffer: jax.Array, new: jax.Array, layer: Optional[jax.Array],
+                 end: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Writes T new keys (or values) [B, T, K, hd] at slot `end` of one layer's cache.
+
+  `buffer` is that layer's [B, K, S, hd] (layer None) or every layer's stacked
+  [depth, B, K, S, hd] (`layer` indexes it). Returns (the updated buffer, this layer's
+  [B, K, S, hd] slice of it, which the attention then reads).
+  """
+  new = new.astype(buffer.dtype).transpose(0, 2, 1, 3)
+  if layer is None:
+    buffer = jax.lax.dynamic_update_slice(buffer, new, (0, 0, end, 0))
+    return buffer, buffer
+  buffer = jax.lax.dynamic_update_slice(buffer, new[None], (layer, 0, 0, end, 0))
+  return buffer, jax.lax.dynamic_index_in_dim(buffer, layer, 0, keepdims=False)
+
+
 class Attention(nn.Module):
   """Multi-head attention with RoPE and grouped key/value heads.
 
-  Returns (output [B, T, D], the updated cache or None). With `cache` = (k, v, layer,
-  end), k and v the [depth, B, K, S, hd] buffers of every layer, the T new keys and values
-  are written into slots [end, end + T) of this `layer` and the queries attend over all S
-  slots of it (`attn_mask` is then [B, T, S]). Writing into the whole buffer and reading
-  this layer's slice of it lets XLA update the cache in place: a per-layer copy of it, or
-  of the buffers in a decoding loop's carry, costs more than the step's arithmetic at
-  small widths.
+  Returns (output [B, T, D], the updated (k, v) buffers or None). With `cache` =
+  (k, v, layer, end), k and v this layer's own [B, K, S, hd] buffers (layer None) or every
+  layer's stacked [depth, B, K, S, hd] ones (a scanned LLM; `layer` indexes them), the T
+  new keys and values are written into slots [end, end + T) and the queries attend over
+  all S slots (`attn_mask` is then [B, T, S]). Attending over the buffer just written lets
+  XLA update the cache in place: a copy of it per layer or per generated token costs more
+  than the step's arithmetic at small widths.
   """
   config: LLMConfig
 
@@ -343,20 +359,11 @@ class Attention(nn.Module):
     keys = "bskh"  # the layout of k and v: [B, S, K, hd]
     new_cache = None
     if cache is not None:
-      # The cache holds [depth, B, K, S, hd]: a layer's slice is then what the attention
-      # matmuls read, with no per-step transpose of the whole cache.
+      # The cache holds slots next to hd, [B, K, S, hd]: what the attention matmuls read,
+      # with no per-step transpose of the whole cache.
       cache_k, cache_v, layer, end = cache
-      if layer is None:  # this layer's own [B, K, S, hd] buffers
-        write = lambda buffer, new: jax.lax.dynamic_update_slice(
-            buffer, new.astype(buffer.dtype).transpose(0, 2, 1, 3), (0, 0, end, 0))
-        k = cache_k = write(cache_k, k)
-        v = cache_v = write(cache_v, v)
-      else:  # every layer's, stacked [depth, B, K, S, hd] (a scanned LLM)
-        write = lambda buffer, new: jax.lax.dynamic_update_slice(
-            buffer, new.astype(buffer.dtype).transpose(0, 2, 1, 3)[None], (layer, 0, 0, end, 0))
-        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
-        k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+      cache_k, k = _write_slots(cache_k, k, layer, end)
+      cache_v, v = _write_slots(cache_v, v, layer, end)
       keys, new_cache = "bksh", (cache_k, cache_v)
     # Query head h reads kv head h // group (HF's repeat_kv order), so split H = K * G.
     group = heads // kv_heads
@@ -398,10 +405,10 @@ class Block(nn.Module):
 
   `captured` is None unless a scanned model captures layers: then it is a tuple of
   [B, count, D] buffers, buffer j overwritten (by a select on the traced counter) when
-  `blocks_done` reaches `capture_layers[j]`. `cache` is None or the (k, v) buffers of every
-  layer, [depth, B, K, S, hd] each, that this block (layer `blocks_done`) writes its new
-  tokens into from slot `cache_end` (see Attention). Returns (new carry, x if
-  `emit_hidden` else None).
+  `blocks_done` reaches `capture_layers[j]`. `cache` is None or the (k, v) buffers this
+  block writes its new tokens into from slot `cache_end`: its own [B, K, S, hd] ones (a
+  looped LLM) or every layer's [depth, ...] ones, of which it writes layer `blocks_done`
+  (a scanned LLM; see Attention). Returns (new carry, x if `emit_hidden` else None).
   """
   config: LLMConfig
   capture_layers: Tuple[int, ...] = ()
