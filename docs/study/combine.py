@@ -12,7 +12,12 @@ uses: per-environment means, axis means, one-sided paired Wilcoxon tests over
 Runs of the teacher variant (`configs/study.py:siglip_teacher`, Align with a teacher
 pretrained on image-caption pairs) are under `siglip_teacher/runs/align_seed<k>/`; they are
 compared with SFT and with the default Align on the seeds they share, in
-`siglip_teacher/compare.md` and `siglip_teacher/summary.json`.
+`siglip_teacher/compare.md` and `siglip_teacher/summary.json`. The same teacher with the
+second study's VLM (`configs/study.py:siglip_continued`) is compared the same way with
+that study's runs, in `docs/study_vlm_continued/siglip_teacher/`. SFT and Freeze never
+read the teacher, so a variant's Align column is set against the base study's SFT and
+Freeze of the same seeds (their probes too, where the variant's probe of the pretrained
+VLM equals the base study's: same VLM, same probe images).
 
   python docs/study/combine.py
 """
@@ -41,7 +46,8 @@ def read_runs(folder: str) -> dict:
 
 def read_probes(folder: str) -> dict:
   probe = {}
-  for path in sorted(glob.glob(os.path.join(folder, "probe_*.json"))):
+  for path in sorted(glob.glob(os.path.join(folder, "probe.json")) +
+                     glob.glob(os.path.join(folder, "probe_*.json"))):
     with open(path) as f:
       probe.update(json.load(f)["results"])
   return probe
@@ -85,6 +91,33 @@ def write(folder: str, summary: dict, title: str = "") -> str:
   return report
 
 
+def seed_of(name: str) -> int:
+  return int(re.search(r"seed(\d+)", name).group(1))
+
+
+def compare_variant(base_dir: str, variant_dir: str, title: str) -> None:
+  """The variant's Align runs in Align's column, the base study's SFT and Freeze beside."""
+  variant = read_runs(variant_dir)
+  if not variant:
+    return
+  base = read_runs(base_dir)
+  seeds = sorted(seed_of(n) for n in variant)
+  # The variant's Align runs take Align's place; SFT (and Freeze) of the same seeds stay.
+  shared = {n: r for n, r in base.items()
+            if not n.startswith("align_") and seed_of(n) in seeds}
+  probe = read_probes(variant_dir)
+  base_probe = read_probes(base_dir)
+  if "pretrained" in probe and probe["pretrained"] == base_probe.get("pretrained"):
+    probe.update({n: r for n, r in base_probe.items() if n in shared})
+  summary = pooled({**shared, **variant}, probe)
+  summary["wall_clock_s"] = sum(recorded_seconds(variant_dir).values())
+  default_align = pooled({n: r for n, r in base.items() if seed_of(n) in seeds}, {})
+  summary["default_align_on_these_seeds"] = {
+      "in_distribution_success": default_align["in_distribution_success"].get("align"),
+      "method_axis_means": default_align["method_axis_means"].get("align")}
+  print(write(variant_dir, summary, title))
+
+
 def main() -> None:
   evals = read_runs(HERE)
   summary = pooled(evals, read_probes(HERE))
@@ -94,24 +127,15 @@ def main() -> None:
       **seconds, "note": "stage seconds recorded by the study directories copied here; "
       "seed 0's SFT and Align ran in an earlier session whose stage times were not kept"}
   print(write(HERE, summary))
-  variant_dir = os.path.join(HERE, "siglip_teacher")
-  variant = read_runs(variant_dir)
-  if not variant:
-    return
-  seeds = sorted(int(re.search(r"seed(\d+)", n).group(1)) for n in variant)
-  # The variant's Align runs take Align's place; SFT (and Freeze) of the same seeds stay.
-  shared = {n: r for n, r in evals.items()
-            if not n.startswith("align_") and int(re.search(r"seed(\d+)", n).group(1)) in seeds}
-  summary = pooled({**shared, **variant}, read_probes(variant_dir))
-  summary["wall_clock_s"] = sum(recorded_seconds(variant_dir).values())
-  default_align = pooled({n: r for n, r in evals.items()
-                          if int(re.search(r"seed(\d+)", n).group(1)) in seeds}, {})
-  summary["default_align_on_these_seeds"] = {
-      "in_distribution_success": default_align["in_distribution_success"].get("align"),
-      "method_axis_means": default_align["method_axis_means"].get("align")}
-  print(write(variant_dir, summary, "Align with the image-text (SigLIP-style) teacher "
-              "(`configs/study.py:siglip_teacher`) in Align's column; SFT and Freeze are the "
-              "default study's runs of the same seeds."))
+  compare_variant(HERE, os.path.join(HERE, "siglip_teacher"),
+                  "Align with the image-text (SigLIP-style) teacher "
+                  "(`configs/study.py:siglip_teacher`) in Align's column; SFT and Freeze are "
+                  "the default study's runs of the same seeds.")
+  continued = os.path.join(HERE, "..", "study_vlm_continued")
+  compare_variant(continued, os.path.join(continued, "siglip_teacher"),
+                  "Align with the image-text (SigLIP-style) teacher from the second study's "
+                  "VLM (`configs/study.py:siglip_continued`) in Align's column; SFT and Freeze "
+                  "are the `vlm_continued` study's runs of the same seeds.")
 
 
 if __name__ == "__main__":
