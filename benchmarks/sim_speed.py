@@ -37,7 +37,7 @@ def _step_with(render_fn):
   def step(states, actions, image_size: int = 64):
 
     def one(state, action):
-      new, reward = env._advance(state, action)  # pylint: disable=protected-access
+      new, reward = env.advance(state, action)
       obs = {"image": render_fn(new, image_size), "state": env.proprio(new)}
       return new, obs, reward, new.done, {"success": new.success, "held": new.held,
                                           "t": new.t}

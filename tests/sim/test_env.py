@@ -151,7 +151,7 @@ def _grasp_at(obj_name: str, obj_yaw: float, ee_yaw: float) -> bool:
   state = state._replace(obj_id=state.obj_id.at[0].set(obj), obj_yaw=state.obj_yaw.at[0].set(
       obj_yaw), ee=np.array([*np.asarray(state.obj_xy[0]), 0.015], np.float32),
       ee_yaw=np.float32(ee_yaw))
-  state, _ = env._advance(state, np.array([0, 0, 0, 0, 0, 0, 0], np.float32))  # pylint: disable=protected-access
+  state, _ = env.advance(state, np.array([0, 0, 0, 0, 0, 0, 0], np.float32))
   return int(state.held) == 0
 
 

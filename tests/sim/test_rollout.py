@@ -70,6 +70,48 @@ def test_rollout_executes_action_chunks_open_loop():
   np.testing.assert_array_equal(stepwise.frames, result.frames)
 
 
+class _LookingChunkPolicy:
+  """Chunks of K actions that depend on the frame seen (a policy that looks), with noise."""
+
+  def __init__(self, k: int):
+    self.k, self.seen = k, []
+    self._rng = np.random.default_rng(2)
+
+  def __call__(self, images, instructions, states):
+    del instructions
+    self.seen.append((images.copy(), states.copy()))
+    brightness = images.reshape(len(images), -1).mean(-1) / 255.0
+    chunk = self._rng.uniform(env.ACTION_LOW, env.ACTION_HIGH,
+                              (images.shape[0], self.k, 7)).astype(np.float32)
+    chunk[..., 0] = 0.05 * (brightness[:, None] - 0.5)
+    chunk[..., 6] = self._rng.integers(0, 2, chunk.shape[:2])
+    return chunk
+
+
+def test_a_chunk_runs_in_one_call_as_step_by_step():
+  """Without frames a chunk's K steps run as one program that renders once; every frame
+  the policy sees and every outcome equal the step-by-step rollout (which frames=True
+  uses, to record each frame)."""
+  fast, stepwise = _LookingChunkPolicy(4), _LookingChunkPolicy(4)
+  result = rollout.rollout(fast, "train", range(3), max_steps=10, progress=False)
+  reference = rollout.rollout(stepwise, "train", range(3), max_steps=10, progress=False,
+                              frames=True)
+  assert len(fast.seen) == len(stepwise.seen) == 3  # 4 + 4 + 2 steps
+  for (images, states), (ref_images, ref_states) in zip(fast.seen, stepwise.seen):
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(states, ref_states)
+  np.testing.assert_array_equal(result.steps, reference.steps)
+  np.testing.assert_array_equal(result.success, reference.success)
+
+
+def test_an_episode_that_ends_inside_a_chunk_stays_ended():
+  states = rollout.reset_batch(rollout.seed_keys(np.arange(2)), "train", max_steps=3)
+  actions = jnp.zeros((5, 2, 7), jnp.float32)
+  states, obs, done = rollout.step_chunk_batch(states, actions)
+  assert np.asarray(done).all() and (np.asarray(states.t) == 3).all()
+  assert obs["image"].shape == (2, 64, 64, 3)
+
+
 @pytest.mark.parametrize("shape", [(3, 0, 7), (2, 3, 7), (3, 2, 6)])
 def test_rollout_refuses_malformed_chunks(shape):
   bad = lambda images, texts, states: np.zeros(shape, np.float32)

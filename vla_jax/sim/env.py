@@ -331,8 +331,11 @@ def _on_target(state: EnvState, obj_xy):
   return dist < -SUCCESS_MARGIN
 
 
-def _advance(state: EnvState, action) -> Tuple[EnvState, jax.Array]:
-  """Physics of one step; returns (new state, reward)."""
+def advance(state: EnvState, action) -> Tuple[EnvState, jax.Array]:
+  """Physics of one step, nothing rendered; returns (new state, reward).
+
+  A finished episode (`state.done`) is returned unchanged, its step counter included.
+  """
   a = jnp.clip(jnp.asarray(action, jnp.float32), ACTION_LOW, ACTION_HIGH)
   ee = jnp.clip(state.ee + a[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
   ee_yaw = wrap_angle(state.ee_yaw + a[5])
@@ -495,7 +498,7 @@ def step(state: EnvState, action, image_size: int = 64):
     (state, obs, reward [], done [], info) where obs = `observe(state)` after the step
     and info = {"success": bool [], "held": int32 [], "t": int32 []}.
   """
-  new, reward = _advance(state, action)
+  new, reward = advance(state, action)
   info = {"success": new.success, "held": new.held, "t": new.t}
   return new, observe(new, image_size), reward, new.done, info
 

@@ -76,6 +76,23 @@ def step_batch(states: env.EnvState, actions, image_size: int = 64, chunk: int =
   return _vmap_in_chunks(lambda s, a: env.step(s, a, image_size), chunk, states, actions)
 
 
+@functools.partial(jax.jit, static_argnames=("image_size", "chunk"))
+def step_chunk_batch(states: env.EnvState, actions, image_size: int = 64,
+                     chunk: int = SIM_CHUNK):
+  """K steps of B environments, actions float32 [K, B, 7] in order, one render at the end.
+
+  Returns (states, obs, done) as `step_batch` returns them after its K-th step: a policy
+  that executes a chunk open loop sees only the last frame, so the K - 1 before it are
+  not drawn. An episode that ends inside the chunk stays as it ended (`env.advance`).
+  """
+  def one_step(states, step_actions):
+    return jax.vmap(env.advance)(states, step_actions)[0], None
+
+  states, _ = jax.lax.scan(one_step, states, actions)
+  obs = _vmap_in_chunks(lambda s: env.observe(s, image_size), chunk, states)
+  return states, obs, states.done
+
+
 @dataclasses.dataclass
 class RolloutResult:
   """Outcome of `rollout` for B episodes.
@@ -126,7 +143,13 @@ def rollout(policy: Policy, split: str, seeds: Sequence[int], *, max_steps: int 
   while taken < max_steps and not bool(np.all(done)):
     kwargs = {"env_state": states} if getattr(policy, "wants_env_state", False) else {}
     chunk = policy(np.asarray(obs["image"]), texts, np.asarray(obs["state"]), **kwargs)
-    for actions in env.check_action_chunk(chunk, batch=batch)[:max_steps - taken]:
+    chunk = env.check_action_chunk(chunk, batch=batch)[:max_steps - taken]
+    if not frames and len(chunk) > 1:  # only the chunk's last frame is looked at
+      states, obs, done = step_chunk_batch(states, jnp.asarray(chunk), image_size)
+      taken += len(chunk)
+      bar.update(len(chunk))
+      continue
+    for actions in chunk:
       states, obs, _, done, _ = step_batch(states, jnp.asarray(actions), image_size)
       taken += 1
       bar.update(1)
@@ -216,7 +239,7 @@ def _expert_episodes(keys, arrays, layout, max_steps, image_size, render, noise_
       perturb = jax.random.bernoulli(k_on) & ~gripper_moves
       noise = jnp.where(perturb, noise_std * jax.random.normal(k_noise, (3,)), 0.0)
       executed = action.at[:3].add(noise)
-      state, reward = env._advance(state, executed)  # pylint: disable=protected-access
+      state, reward = env.advance(state, executed)
       out["reward"] = reward
       return state, out
 
