@@ -23,6 +23,7 @@ from vla_jax.errors import InputError
 from vla_jax.eval import policy as policy_lib
 from vla_jax.models import decode as decode_lib
 from vla_jax.models import llm as llm_lib
+from vla_jax.models import lora as lora_lib
 from vla_jax.models.vla import VLA, dummy_inputs, vla_config
 
 ATOL = 1e-5
@@ -87,12 +88,13 @@ def assert_same_decoding(a, b):
 
 
 # ---------------------------------------------------------------------------- the LLM cache
-@pytest.mark.parametrize("preset,scan,remat", [("tiny_llama", False, False),
-                                               ("tiny_llama", True, True),
-                                               ("tiny_gemma", False, False),
-                                               ("tiny_gemma", True, False)])
-def test_llm_prefill_then_steps_equal_one_full_forward(preset, scan, remat):
-  config = llm_lib.llm_config(preset, scan=scan, remat=remat)
+@pytest.mark.parametrize("preset,scan,remat,bias", [("tiny_llama", False, False, False),
+                                                    ("tiny_llama", True, True, False),
+                                                    ("tiny_llama", False, False, True),
+                                                    ("tiny_gemma", False, False, False),
+                                                    ("tiny_gemma", True, False, False)])
+def test_llm_prefill_then_steps_equal_one_full_forward(preset, scan, remat, bias):
+  config = llm_lib.llm_config(preset, scan=scan, remat=remat, attention_bias=bias)
   model = llm_lib.LLM(config)
   batch, length, prompt = 2, 10, 6
   embeddings = jax.random.normal(jax.random.key(0), (batch, length, config.width))
@@ -198,6 +200,46 @@ def test_greedy_decode_rejects_bad_input(student):
     decode_lib.greedy_decode(model, params, images, tokens, None, 5000)
   with pytest.raises(InputError, match="input_mask must have the tokens' shape"):
     decode_lib.greedy_decode(model, params, images, tokens, np.ones((3, 2), bool), 2)
+
+
+def test_greedy_token_is_argmax():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 40)).astype(np.float32)
+  logits[1, [3, 17]] = 9.0  # a tie: the first wins
+  logits[2, [5, 30]] = np.nan  # NaN: the first NaN, as jnp.argmax
+  logits[3] = -np.inf
+  logits[4] = 0.0
+  logits[5, 39] = np.inf
+  expected = jnp.argmax(jnp.asarray(logits), axis=-1)
+  got = decode_lib.greedy_token(jnp.asarray(logits))
+  chex.assert_type(got, jnp.int32)
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(got[:3], [int(np.argmax(logits[0])), 3, 5])
+
+
+def test_in_layer_lora_is_applied_when_decoding_with_a_cache():
+  """A prefill under in-layer LoRA (factors added by intercepting each Dense call) equals
+  one with the LoRA-merged weights, not the base ones: decoding reads every adapted layer."""
+  config = llm_lib.llm_config("tiny_llama")
+  model = llm_lib.LLM(config)
+  batch, length = 2, 6
+  embeddings = jax.random.normal(jax.random.key(0), (batch, length, config.width))
+  params = random_params(jax.eval_shape(model.init, jax.random.key(1), embeddings))
+  lora_config = lora_lib.LoraConfig(rank=4, alpha=8.0, target_regex=r".*(proj)/kernel$")
+  factors = lora_lib.init_lora(jax.random.key(2), params["params"], lora_config)
+  factors = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                         factors)  # B != 0: the adapted model differs from the base
+  attn_mask = llm_lib.causal_mask(np.ones((batch, length), bool))
+  kwargs = dict(attn_mask=attn_mask, positions=np.tile(np.arange(length), (batch, 1)),
+                kv_cache=llm_lib.init_kv_cache(config, batch, length))
+  in_layer, _ = lora_lib.apply_in_layer(model, params["params"],
+                                        lora_lib.layer_factors(factors, lora_config),
+                                        lora_config, embeddings, **kwargs)
+  merged = lora_lib.merge(params["params"], factors, lora_config)
+  expected, _ = model.apply({"params": merged}, embeddings, **kwargs)
+  base, _ = model.apply(params, embeddings, **kwargs)
+  np.testing.assert_allclose(in_layer, expected, atol=ATOL)
+  assert np.abs(np.asarray(expected) - np.asarray(base)).max() > 1e-2
 
 
 # ---------------------------------------------------------------------------- the policy
