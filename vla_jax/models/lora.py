@@ -387,6 +387,38 @@ def _layer_axes(module: nn.Module, x: jax.Array) -> Tuple[Tuple[int, ...], Tuple
   return tuple(sorted(a % x.ndim for a in axes)), tuple(features)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank_delta(x: jax.Array, a: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """(x @ A) @ B for x [T, in], with the gradients autodiff gives, computed differently.
+
+  The factor gradients contract the T rows: dA = x^T @ du, dB = u^T @ dy. Autodiff writes
+  them with x and dy as the *left* operands, contracted over their first axis, and
+  XLA:CPU then copies each [T, in] activation into transposed layout, fused into the
+  elementwise op that produces it (in the step_vs_torch profile a fifth of the LoRA step).
+  Here the small [T, rank] operand is on the left and x and dy are read as stored
+  (dA = (du^T @ x)^T): the LoRA train step at step_vs_torch's size ran x1.26-1.30 faster.
+  """
+  return jnp.dot(jnp.dot(x, a, precision=precision), b, precision=precision)
+
+
+def _low_rank_delta_fwd(x, a, b, precision):
+  u = jnp.dot(x, a, precision=precision)
+  return jnp.dot(u, b, precision=precision), (x, a, b, u)
+
+
+def _low_rank_delta_bwd(precision, residuals, dy):
+  x, a, b, u = residuals
+  contract_rows = (((0,), (0,)), ((), ()))
+  du = jax.lax.dot_general(dy, b, (((1,), (1,)), ((), ())), precision=precision)
+  db = jax.lax.dot_general(u, dy, contract_rows, precision=precision)
+  da = jax.lax.dot_general(du, x, contract_rows, precision=precision).T
+  dx = jax.lax.dot_general(du, a, (((1,), (1,)), ((), ())), precision=precision)
+  return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_rank_delta.defvjp(_low_rank_delta_fwd, _low_rank_delta_bwd)
+
+
 def _lora_interceptor(config: LoraConfig, used: Set[str], next_fun, args, kwargs, context):
   """Adds s * (x @ A) @ B to the output of every Dense layer holding `lora` factors."""
   out = next_fun(*args, **kwargs)
@@ -414,8 +446,9 @@ def _lora_interceptor(config: LoraConfig, used: Set[str], next_fun, args, kwargs
   batch_ndim = x.ndim - len(axes)
   x = jnp.moveaxis(x, axes, tuple(range(batch_ndim, x.ndim)))
   x = x.reshape(x.shape[:batch_ndim] + (in_size,)).astype(dtype)
-  delta = jnp.dot(jnp.dot(x, a.astype(dtype), precision=module.precision), b.astype(dtype),
-                  precision=module.precision)
+  rows = x.shape[:-1]
+  delta = _low_rank_delta(x.reshape(-1, in_size), a.astype(dtype), b.astype(dtype),
+                          module.precision).reshape(rows + (b.shape[-1],))
   used.add(path)
   return out + delta.reshape(out.shape).astype(out.dtype)
 
