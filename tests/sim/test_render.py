@@ -66,21 +66,26 @@ def test_fast_render_matches_at_other_resolutions(size):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["train", "multi_plate", "whole05", "vlthink_sign"])
+# multi_plate is drawn against the reference in the tests above, at two resolutions.
+@pytest.mark.parametrize("split", ["train", "whole05", "vlthink_sign"])
 def test_fast_render_equals_the_previous_fast_path_on_many_states(split):
-  """Many more states than the reference can afford on every image: 32 episodes, every
-  3rd step, against the previous fast path; where the two differ, the reference is drawn
-  too, and the new path must be within the tolerance of it over all the states drawn."""
-  states = _expert_states(split, range(32), 3)
+  """Many more states than the reference can afford on every image: 16 episodes, every
+  3rd step (432 states), against the previous fast path; where the two differ, the
+  reference is drawn too, and the new path must be within the tolerance of it."""
+  states = _expert_states(split, range(16), 3)
   fast = np.asarray(_render(states, 64, "fast"))
   previous = np.asarray(_render(states, 64, "v1"))
   _assert_within_tolerance(fast, previous)
   differ = np.nonzero((fast != previous).reshape(len(fast), -1).any(1))[0]
   if differ.size:
-    reference = np.asarray(_render(jax.tree.map(lambda x: x[differ], states), 64, "reference"))
-    off = np.abs(fast[differ].astype(int) - reference)
+    # The exact reference is slow: at most 48 of the differing states, evenly spread, and
+    # the pixels off among them scaled up to all the differing states.
+    drawn = differ[np.unique(np.linspace(0, differ.size - 1, min(differ.size, 48)).astype(int))]
+    reference = np.asarray(_render(jax.tree.map(lambda x: x[drawn], states), 64, "reference"))
+    off = np.abs(fast[drawn].astype(int) - reference)
     assert off.max() <= MAX_LEVELS_OFF
-    assert np.count_nonzero(off) <= MAX_SHARE_OFF * fast.size, np.count_nonzero(off)
+    pixels_off = np.count_nonzero(off) * differ.size / drawn.size
+    assert pixels_off <= MAX_SHARE_OFF * fast.size, (pixels_off, differ.size)
 
 
 @pytest.mark.slow  # 35 textures in three roles: the full suite

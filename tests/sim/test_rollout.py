@@ -105,11 +105,13 @@ def test_a_chunk_runs_in_one_call_as_step_by_step():
 
 
 def test_an_episode_that_ends_inside_a_chunk_stays_ended():
-  states = rollout.reset_batch(rollout.seed_keys(np.arange(2)), "train", max_steps=3)
-  actions = jnp.zeros((5, 2, 7), jnp.float32)
-  states, obs, done = rollout.step_chunk_batch(states, actions)
-  assert np.asarray(done).all() and (np.asarray(states.t) == 3).all()
-  assert obs["image"].shape == (2, 64, 64, 3)
+  # The shapes of the test above (3 environments, 10 steps, chunks of 4): its programs.
+  states = rollout.reset_batch(rollout.seed_keys(np.arange(3)), "train", max_steps=10)
+  actions = jnp.zeros((4, 3, 7), jnp.float32)
+  for _ in range(3):  # 12 steps: the episodes end at 10, inside the last chunk
+    states, obs, done = rollout.step_chunk_batch(states, actions)
+  assert np.asarray(done).all() and (np.asarray(states.t) == 10).all()
+  assert obs["image"].shape == (3, 64, 64, 3)
 
 
 @pytest.mark.parametrize("shape", [(3, 0, 7), (2, 3, 7), (3, 2, 6)])
