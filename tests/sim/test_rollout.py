@@ -88,6 +88,7 @@ class _LookingChunkPolicy:
     return chunk
 
 
+@pytest.mark.slow  # 11 s; the fast path runs step_chunk_batch in the test below
 def test_a_chunk_runs_in_one_call_as_step_by_step():
   """Without frames a chunk's K steps run as one program that renders once; every frame
   the policy sees and every outcome equal the step-by-step rollout (which frames=True
@@ -105,7 +106,8 @@ def test_a_chunk_runs_in_one_call_as_step_by_step():
 
 
 def test_an_episode_that_ends_inside_a_chunk_stays_ended():
-  # The shapes of the test above (3 environments, 10 steps, chunks of 4): its programs.
+  # The shapes of the test above (3 environments, 10 steps, chunks of 4): in the full
+  # suite, its programs.
   states = rollout.reset_batch(rollout.seed_keys(np.arange(3)), "train", max_steps=10)
   actions = jnp.zeros((4, 3, 7), jnp.float32)
   for _ in range(3):  # 12 steps: the episodes end at 10, inside the last chunk

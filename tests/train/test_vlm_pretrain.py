@@ -24,7 +24,7 @@ SMALL = pretrain.PretrainConfig(splits=("train",), episodes_per_split=40,
 # Spatial and VL-Think questions (captions, the costliest shape, are left to the unit
 # tests: the suite's time), 80 of the steps on spatial questions in expectation. Measured
 # at 100 steps (2026-12-05): held-out L1 0.674 -> 0.437 (bound 0.506), VL-Think tokens
-# 0 -> 0.59 (bound 0.2), VL-Think L1 0.707 -> 0.341 (bound 0.530); 150 steps took 50 s more.
+# 0 -> 0.59 (bound 0.2), VL-Think L1 0.707 -> 0.341 (bound 0.530); 99 s alone.
 SMALL_VLM = vlm_pretrain.VLMPretrainConfig(steps=100, batch_size=16, learning_rate=2e-3,
                                            warmup_steps=10, tasks=("spatial", "vlthink"),
                                            task_weights=(0.8, 0.2))
