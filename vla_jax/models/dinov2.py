@@ -42,6 +42,7 @@ import numpy as np
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import posemb_resample
 from vla_jax.models.constraints import shard_batch_axis
+from vla_jax.models.patch_embed import PatchEmbed
 from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
                                    require_tower_settings)
 
@@ -279,9 +280,8 @@ class DinoV2(nn.Module):
     width = config.width
     out = {}
 
-    patches = nn.Conv(width, (config.patch_size,) * 2, strides=(config.patch_size,) * 2,
-                      padding="VALID", dtype=dtype, param_dtype=jnp.float32,
-                      name="patch_embed")(image.astype(dtype))
+    patches = PatchEmbed(width, config.patch_size, dtype=dtype, name="patch_embed")(
+        image.astype(dtype))
     batch = patches.shape[0]
     patches = patches.reshape(batch, -1, width)  # row-major, like torch's flatten(2)
 

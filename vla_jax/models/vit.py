@@ -24,6 +24,7 @@ import numpy as np
 from vla_jax.errors import ConfigError, InputError
 from vla_jax.models import posemb_resample
 from vla_jax.models.constraints import shard_batch_axis
+from vla_jax.models.patch_embed import PatchEmbed
 from vla_jax.typed_config import from_mapping, require, require_patch_geometry
 
 POSEMB_TYPES = ("learn", "sincos2d")
@@ -278,8 +279,8 @@ class ViT(nn.Module):
     dtype = cfg.compute_dtype
     out = {}
     p = cfg.patch_size
-    x = out["stem"] = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                              name="embedding")(image.astype(dtype))
+    x = out["stem"] = PatchEmbed(cfg.width, p, dtype=dtype, name="embedding")(
+        image.astype(dtype))
     batch, h, w, width = x.shape
     x = jnp.reshape(x, (batch, h * w, width))
 

@@ -38,6 +38,7 @@ from vla_jax.errors import CheckpointError, InputError
 from vla_jax.models import align as align_lib
 from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.models.dinov2 import FeedForward, LayerScale
+from vla_jax.models.patch_embed import PatchEmbed
 from vla_jax.models.teachers.family import TeacherFamily
 from vla_jax.models.vla import IMAGENET_MEAN, IMAGENET_STD
 from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
@@ -214,8 +215,7 @@ class DinoV3(nn.Module):
                        "dinov3.image_size.")
     dtype = jnp.dtype(config.dtype)
     p, width = config.patch_size, config.width
-    patches = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                      param_dtype=jnp.float32, name="patch_embed")(image.astype(dtype))
+    patches = PatchEmbed(width, p, dtype=dtype, name="patch_embed")(image.astype(dtype))
     batch = patches.shape[0]
     prefix = [self.param("cls_token", nn.initializers.normal(0.02), (1, 1, width),
                          jnp.float32)]

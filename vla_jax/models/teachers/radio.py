@@ -48,6 +48,7 @@ from vla_jax.errors import CheckpointError, InputError
 from vla_jax.models import align as align_lib
 from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.models.dinov2 import Attention, FeedForward
+from vla_jax.models.patch_embed import PatchEmbed
 from vla_jax.models.teachers.family import TeacherFamily
 from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
                                    require_tower_settings)
@@ -263,9 +264,8 @@ class Radio(nn.Module):
     dtype = jnp.dtype(config.dtype)
     width, p = config.width, config.patch_size
     out = {}
-    patches = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                      dtype=dtype, param_dtype=jnp.float32, name="patch_embed")(
-                          image.astype(dtype))
+    patches = PatchEmbed(width, p, use_bias=False, dtype=dtype, name="patch_embed")(
+        image.astype(dtype))
     batch = patches.shape[0]
     patches = patches.reshape(batch, -1, width)  # row-major, as RADIO's patch order
     posemb = self.param("pos_embedding", nn.initializers.normal(0.02),
