@@ -44,7 +44,7 @@ from vla_jax.modeling import Models
 from vla_jax.models import lora as lora_lib
 from vla_jax.models import align as align_lib
 from vla_jax.models.vla import VLAConfig
-from vla_jax.train.state import TrainConfig, TrainState, make_optimizer, merge_params
+from vla_jax.train.state import TrainConfig, TrainState, apply_optimizer, merge_params
 from vla_jax.train.state import learning_rate_schedule
 
 Batch = Dict[str, Any]
@@ -257,7 +257,6 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
     advanced; params and optimizer state are unchanged).
   """
   action_tokenizer = action_tokenizer or ActionTokenizer()
-  optimizer = make_optimizer(train_config)
   schedule = learning_rate_schedule(train_config)
   align_coeff = float(experiment.align.align_coeff)
   with_align = align_coeff > 0
@@ -304,21 +303,19 @@ def make_train_step(models: Models, experiment: Experiment, train_config: TrainC
     metrics = _finish_metrics(totals, align_values, align_coeff)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     # A NaN/inf loss or gradient would poison the params and the Adam moments for good:
     # skip that update (two scalars checked on device, no host sync) and report it.
     finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    trainable, opt_state = apply_optimizer(train_config, grads, state.opt_state,
+                                           state.trainable, finite)
     ema = state.ema
     if ema:
       decay = jnp.asarray(train_config.ema_decay, jnp.float32)
-      ema = keep(jax.tree.map(lambda e, w: decay * e + (1 - decay) * w, ema, trainable), ema)
-    state = state.replace(step=state.step + 1,
-                          params=keep(trainable["params"], state.trainable["params"]),
-                          lora=keep(trainable["lora"], state.trainable["lora"]),
-                          opt_state=keep(opt_state, state.opt_state), ema=ema)
+      ema = jax.tree.map(lambda e, w: jnp.where(finite, decay * e + (1 - decay) * w, e),
+                         ema, trainable)
+    state = state.replace(step=state.step + 1, params=trainable["params"],
+                          lora=trainable["lora"], opt_state=opt_state, ema=ema)
     return state, metrics
 
   return train_step
