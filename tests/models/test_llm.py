@@ -157,6 +157,34 @@ def test_masks_and_positions():
                                 [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
 
 
+def test_rope_tables_are_the_rotary_angles():
+  """The looked-up cos / sin equal float64 cos / sin of HF's float32 angles (theta ** (-2i /
+  hd) * position) for every position up to max_position_embeddings, and `rotate` rotates
+  each (first-half, second-half) pair by its angle; a position past the table reads NaN."""
+  config = llm_lib.llm_config("tiny_llama", max_position_embeddings=40, rope_theta=500.0)
+  head_dim = config.effective_head_dim
+  positions = jnp.array([[0, 1, 7, 39, 40], [3, 3, 20, 41, 2]])
+  cos, sin = llm_lib.rope_tables(positions, config)
+  assert cos.shape == sin.shape == (2, 5, 1, head_dim // 2) and cos.dtype == jnp.float32
+  inv_freq = (1.0 / (np.float32(500.0) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                          / np.float32(head_dim)))).astype(np.float32)
+  angles = (np.asarray(positions, np.float32)[..., None] * inv_freq).astype(np.float64)
+  inside = np.asarray(positions) <= 40
+  np.testing.assert_allclose(np.asarray(cos)[:, :, 0][inside], np.cos(angles)[inside],
+                             rtol=0, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(sin)[:, :, 0][inside], np.sin(angles)[inside],
+                             rtol=0, atol=1e-7)
+  assert np.isnan(np.asarray(cos)[1, 3]).all() and np.isnan(np.asarray(sin)[1, 3]).all()
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, head_dim))
+  rotated = np.asarray(llm_lib.rotate(x, (cos, sin)))
+  half = head_dim // 2
+  pairs = np.asarray(x[..., :half]) + 1j * np.asarray(x[..., half:])
+  expected = pairs * np.exp(1j * angles)[:, :, None, :]  # rotation by the angle
+  np.testing.assert_allclose(rotated[inside][..., :half], expected.real[inside], atol=1e-5)
+  np.testing.assert_allclose(rotated[inside][..., half:], expected.imag[inside], atol=1e-5)
+
+
 def test_rows_without_valid_keys_do_not_produce_nan():
   _, model, params, x = _setup("tiny_llama", batch=1, length=4)
   attn_mask = jnp.zeros((1, 4, 4), bool)  # nobody may attend anything

@@ -50,8 +50,9 @@ def attention_probs(config: llm_lib.LLMConfig, block_params: Dict[str, Any], hid
     out = h @ p["kernel"].astype(dtype) + (p["bias"].astype(dtype) if "bias" in p else 0)
     return out.reshape(batch, length, count, head_dim)
 
-  q = llm_lib.apply_rope(project("q_proj", heads), positions, config.rope_theta)
-  k = llm_lib.apply_rope(project("k_proj", kv_heads), positions, config.rope_theta)
+  rope = llm_lib.rope_tables(positions, config)
+  q = llm_lib.rotate(project("q_proj", heads), rope)
+  k = llm_lib.rotate(project("k_proj", kv_heads), rope)
   group = heads // kv_heads
   q = q.reshape(batch, length, kv_heads, group, head_dim) * jnp.asarray(head_dim ** -0.5, dtype)
   logits = jnp.einsum("bqkgh,bskh->bkgqs", q, k).astype(jnp.float32)
