@@ -19,8 +19,12 @@ The first step of each side runs on the same weights and batch, so their losses 
 for full fine-tuning, gradient norms) are printed side by side as the check that both do
 the same work. Timing alternates rounds (a jax round, a torch round, ...) so background
 load hits both alike; each round times `--steps` steps; medians over all steps are
-reported, ratio = torch / jax (> 1 means we are faster). `--profile` (on by default)
-adds, for our side, XLA's cost analysis and timing ablations of the parts of the step.
+reported, ratio = torch / jax (> 1 means we are faster). Then the roofline: the best
+float32 matmul rate either framework reaches on this machine (measured in the same run,
+at the step's largest matmul shape and at 2048^3) against the step's FLOPs (XLA's count),
+so the time of a step that ran every FLOP at that rate, and the share of that rate a
+step needs to be twice as fast as torch's. `--profile` (on by default) adds, for our
+side, XLA's cost analysis and timing ablations of the parts of the step.
 
   python benchmarks/step_vs_torch.py [--rounds 5] [--steps 4] [--batch 8] [--no-profile]
       [--threads 2] [--also-threads 1] [--variants lora,full] [--json out.json]
@@ -490,6 +494,56 @@ def _attention_share(s):
           "vit (each tower)": (vit_attn / 1e9, (vit_attn + vit_dense) / 1e9)}
 
 
+# ----------------------------------------------------------------------------- roofline
+def gemm_rates(s, threads: int, repeats: int = 30):
+  """Best GFLOP/s of one float32 matmul, jax (jitted) and torch (`threads`), same process:
+  the step's largest shape (its LLM MLP, [batch * tokens, width] @ [width, mlp]) and
+  2048^3. Best of `repeats` calls, not the median: XLA:CPU runs a 3 ms matmul at one or
+  at two cores' speed from call to call on this machine (95-105 or 165-190 GFLOP/s, jax
+  alone in the process), and a roofline wants what the machine can do."""
+  m = s["batch"] * ((s["image"] // s["patch"]) ** 2 + s["prompt"] + ACTION_DIMS + 2)
+  shapes = {"step's MLP": (m, s["llm_width"], s["llm_mlp"]), "2048^3": (2048, 2048, 2048)}
+  torch.set_num_threads(threads)
+  rates, matmul = {}, jax.jit(jnp.matmul)
+  for name, (rows, inner, cols) in shapes.items():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, inner), np.float32)
+    b = rng.standard_normal((inner, cols), np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    for side, run in (("jax", lambda: matmul(ja, jb).block_until_ready()),
+                      ("torch", lambda: ta @ tb)):
+      times = []
+      for i in range(repeats + 3):  # 3 to compile and warm up
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+      rates[(name, side)] = 2 * rows * inner * cols / min(times[3:]) / 1e9
+  return rates
+
+
+def roofline(s, args, results, flops):
+  """Is 'torch / 2' reachable? The step's FLOPs at the best matmul rate measured here."""
+  rates = gemm_rates(s, args.threads)
+  peak = max(rates.values())
+  print(f"\nmatmul rate, float32, {args.threads} threads (GFLOP/s, best of 30 calls): " + ", ".join(
+      f"{name} {side} {rate:.0f}" for (name, side), rate in rates.items()))
+  print("| variant | GFLOP (XLA) | torch (ms) | goal: torch / 2 (ms) | all FLOPs at the best "
+        "matmul rate (ms) | share of that rate the goal needs | ours now | torch now |")
+  print("|---|---|---|---|---|---|---|---|")
+  table = {}
+  for name, (_, medians) in results.items():
+    gflop, torch_s, jax_s = flops[name], medians["torch"], medians["jax"]
+    floor_ms, goal_ms = gflop / peak * 1e3, torch_s / 2 * 1e3
+    table[name] = dict(gflop=gflop, goal_ms=goal_ms, floor_ms=floor_ms,
+                       needed=floor_ms / goal_ms, ours=gflop / jax_s / peak,
+                       torch=gflop / torch_s / peak)
+    row = table[name]
+    print(f"| {name} + align | {gflop:.2f} | {torch_s * 1e3:.1f} | {goal_ms:.1f} | "
+          f"{floor_ms:.1f} | {row['needed']:.0%} | {row['ours']:.0%} | {row['torch']:.0%} |")
+  return {"gemm_gflops": {f"{n}, {side}": r for (n, side), r in rates.items()},
+          "peak_gflops": peak, "variants": table}
+
+
 # ----------------------------------------------------------------------------- main
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -545,13 +599,18 @@ def main():
             f"{medians[other] / medians['jax']:.2f}x |")
   for name, (_, medians) in results.items():
     print(f"ratio torch/jax ({name}): {medians['torch'] / medians['jax']:.3f}")
+  limits = None
+  if not args.smoke:
+    flops = {name: _cost(setup[-1].step, setup[-1].state, setup[-1].frozen,
+                         setup[-1].batch)[0] for name, setup in setups.items()}
+    limits = roofline(s, args, results, flops)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"sizes": s, "torch_threads": args.threads, "variants": {
           name: {"median_s": medians, "ratio": medians["torch"] / medians["jax"],
                  "first_step": {k: first[k] for k in ("jax", "torch")},
                  "trainable": first["trainable"]}
-          for name, (first, medians) in results.items()}}, f, indent=1)
+          for name, (first, medians) in results.items()}, "roofline": limits}, f, indent=1)
 
   if not args.profile or len(setups) < 2:
     return
