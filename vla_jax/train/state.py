@@ -248,9 +248,10 @@ def apply_optimizer(train_config: TrainConfig, grads: Any, opt_state: Any, param
   Why not optax's update followed by `where(finite, new, old)` on every leaf: there the
   new params are computed from the un-selected moments, so XLA reads each old moment
   in two places (the params' fusion and the moment's own select, which overwrites the
-  donated buffer in place) and must copy every moment first: 221 copies, 8 % of the
-  full-fine-tuning step on CPU, and an extra optimizer state of temporary memory. Here
-  the params are computed from the selected moments, which only their own fusion reads.
+  donated buffer in place) and must copy every moment first: 221 copies in the 64 px
+  full-fine-tuning step on CPU (4 ms of its wall time), 3.1 GiB of temporaries per
+  device for full fine-tuning of `openvla_7b` on 8-way FSDP. Here the params are computed
+  from the selected moments, which only their own fusion reads.
   """
   c = train_config
   expected = jax.tree.structure(jax.eval_shape(make_optimizer(c).init, params))
