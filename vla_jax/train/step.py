@@ -41,8 +41,9 @@ from vla_jax.actions import ActionTokenizer
 from vla_jax.errors import InputError
 from vla_jax.experiment import Experiment
 from vla_jax.modeling import Models
-from vla_jax.models import lora as lora_lib
 from vla_jax.models import align as align_lib
+from vla_jax.models import flat_dense
+from vla_jax.models import lora as lora_lib
 from vla_jax.models.vla import VLAConfig
 from vla_jax.train.state import TrainConfig, TrainState, apply_optimizer, merge_params
 from vla_jax.train.state import learning_rate_schedule
@@ -112,7 +113,8 @@ def student_forward(model: Any, params: Any, batch: Batch,
   kwargs = dict(prefix_mask=prefix, align_layer=align_layer)
   if lora is not None:
     return lora_lib.apply_in_layer(model, params, lora[1], lora[0], *args, **kwargs)
-  return model.apply({"params": params}, *args, **kwargs)
+  with flat_dense.flat_dense_layers():  # the kernels are trained: see flat_dense
+    return model.apply({"params": params}, *args, **kwargs)
 
 
 def check_batch(batch: Batch, num_micro_batches: int = 1) -> None:
