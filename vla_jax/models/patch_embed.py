@@ -17,6 +17,15 @@ import jax
 import jax.numpy as jnp
 
 
+def patchify(image: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]: row-major patches, each flattened (row,
+  column, channel) with the channel fastest: a p x p conv kernel's [p, p, C] order, and
+  how transformers' Siglip2 image processor (`convert_image_to_patches`) lays them out."""
+  b, h, w, c = image.shape
+  x = image.reshape(b, h // patch, patch, w // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
 class PatchEmbed(nn.Module):
   """[B, H, W, C] -> [B, H / p, W / p, features]; H and W must be multiples of p."""
   features: int
@@ -37,10 +46,6 @@ class PatchEmbed(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             if self.use_bias else None)
     image, kernel, bias = nn.dtypes.promote_dtype(image, kernel, bias, dtype=self.dtype)
-    rows, cols = height // p, width // p
-    # [B, rows, p, cols, p, C] -> [B, rows, cols, p, p, C]: each patch in the kernel's
-    # (row, column, channel) order.
-    patches = image.reshape(batch, rows, p, cols, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(batch, rows, cols, p * p * channels)
-    x = jnp.dot(patches, kernel.reshape(p * p * channels, self.features))
+    x = jnp.dot(patchify(image, p), kernel.reshape(p * p * channels, self.features))
+    x = x.reshape(batch, height // p, width // p, self.features)
     return x if bias is None else x + bias

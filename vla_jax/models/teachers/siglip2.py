@@ -49,6 +49,7 @@ from vla_jax.errors import CheckpointError, InputError
 from vla_jax.models import align as align_lib
 from vla_jax.models.constraints import shard_batch_axis
 from vla_jax.models.dinov2 import Attention
+from vla_jax.models.patch_embed import patchify
 from vla_jax.models.teachers.family import TeacherFamily
 from vla_jax.models.vla import SIGLIP_MEAN, SIGLIP_STD
 from vla_jax.typed_config import (from_mapping, require, require_patch_geometry,
@@ -174,15 +175,6 @@ def resize_posemb(table: jax.Array, grid_side: int) -> jax.Array:
   out = jnp.einsum("yh,xw,hwd->yxd", weights, weights, grid,
                    precision=jax.lax.Precision.HIGHEST)
   return out.reshape(1, grid_side * grid_side, -1)
-
-
-def patchify(image: jax.Array, patch: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]: row-major patches, each flattened (row,
-  column, channel) with the channel fastest, as transformers' Siglip2 image processor
-  (`convert_image_to_patches`) lays them out."""
-  b, h, w, c = image.shape
-  x = image.reshape(b, h // patch, patch, w // patch, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
 def _layer_norm(config: Siglip2Config, name: str) -> nn.LayerNorm:
