@@ -17,22 +17,22 @@ it: frozen kernels get no gradient, and the factors flatten their input already
 
 import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 
-def _contracted_axes(module: nn.Module, ndim: int) -> Optional[int]:
-  """How many trailing input axes the layer contracts, or None if it is not that kind."""
-  if module.dot_general is not None or module.dot_general_cls is not None:
+def dense_axes(module: nn.Module, ndim: int) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+  """(the input axes a Dense / DenseGeneral contracts, in its kernel's order; its output
+  features), for an input of `ndim` axes; None for a DenseGeneral with batch dims."""
+  if isinstance(module, nn.Dense):
+    return (ndim - 1,), (module.features,)
+  if module.batch_dims:
     return None
-  if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
-    return 1
   axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-  if module.batch_dims or tuple(a % ndim for a in axes) != tuple(range(ndim - len(axes), ndim)):
-    return None
-  return len(axes)
+  features = module.features if isinstance(module.features, tuple) else (module.features,)
+  return tuple(a % ndim for a in axes), tuple(features)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -40,17 +40,19 @@ def _interceptor(next_fun, args, kwargs, context):
   # Exact types: a subclass may compute something else.
   if (context.method_name != "__call__"
       or type(module) not in (nn.Dense, nn.DenseGeneral)  # pylint: disable=unidiomatic-typecheck
+      or module.dot_general is not None or module.dot_general_cls is not None
       or not module.has_variable("params", "kernel")):
     return next_fun(*args, **kwargs)
   inputs = args[0] if args else kwargs["inputs"]
-  contracted = _contracted_axes(module, inputs.ndim)
-  if contracted is None:
-    return next_fun(*args, **kwargs)
+  found = dense_axes(module, inputs.ndim)
+  if found is None or found[0] != tuple(range(inputs.ndim - len(found[0]), inputs.ndim)):
+    return next_fun(*args, **kwargs)  # batch dims, or contracted axes not the trailing ones
+  axes, features = found
   kernel = module.get_variable("params", "kernel")
   bias = module.get_variable("params", "bias") if module.use_bias else None
   inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-  lead, features = inputs.shape[:inputs.ndim - contracted], kernel.shape[contracted:]
-  size_in = math.prod(inputs.shape[inputs.ndim - contracted:])
+  lead = inputs.shape[:inputs.ndim - len(axes)]
+  size_in = math.prod(inputs.shape[i] for i in axes)
   y = jnp.dot(inputs.reshape(-1, size_in), kernel.reshape(size_in, -1),
               precision=module.precision).reshape(*lead, *features)
   return y if bias is None else y + bias.reshape(features)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vla_jax.errors import ConfigError, InputError
+from vla_jax.models import flat_dense
 from vla_jax.typed_config import require
 
 INITS = ("gaussian", "kaiming")
@@ -376,15 +377,13 @@ def _factor_paths(tree: Dict[str, Any], prefix: Tuple[str, ...] = ()) -> Set[str
 
 
 def _layer_axes(module: nn.Module, x: jax.Array) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-  """(the axes of x a Dense / DenseGeneral contracts, its output features)."""
-  if isinstance(module, nn.Dense):
-    return (x.ndim - 1,), (module.features,)
-  if module.batch_dims:
+  """(the axes of x a Dense / DenseGeneral contracts, sorted; its output features)."""
+  found = flat_dense.dense_axes(module, x.ndim)
+  if found is None:
     raise ConfigError(f"in-layer LoRA does not support nn.DenseGeneral with batch_dims "
                       f"('{'/'.join(module.path)}'); set lora.in_layer=False.")
-  axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-  features = module.features if isinstance(module.features, tuple) else (module.features,)
-  return tuple(sorted(a % x.ndim for a in axes)), tuple(features)
+  axes, features = found
+  return tuple(sorted(axes)), features
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
