@@ -513,7 +513,7 @@ def gemm_rates(s, threads: int, repeats: int = 30):
     for side, run in (("jax", lambda: matmul(ja, jb).block_until_ready()),
                       ("torch", lambda: ta @ tb)):
       times = []
-      for i in range(repeats + 3):  # 3 to compile and warm up
+      for _ in range(repeats + 3):  # 3 to compile and warm up
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)

@@ -302,10 +302,10 @@ def rope_tables(positions: jax.Array, config: "LLMConfig") -> Tuple[jax.Array, j
   """(cos, sin) of the rotary angles of positions [B, T]: float32 [B, T, 1, hd/2].
 
   Looked up in a table of positions 0 .. `max_position_embeddings` (inclusive: PaliGemma
-  counts from 1; a position past it reads NaN, never a wrong angle). Why a table: with the sine and cosine
-  computed in the graph, XLA:CPU fused them into each layer's rotation and evaluated
-  them again for every head of q and k, forward and backward (16 fusions, 9 ms of a
-  4-layer training step at 64 px; 1.7 ms as table reads).
+  counts from 1; a position past it reads NaN, never a wrong angle). Why a table: with
+  the sine and cosine computed in the graph, XLA:CPU fused them into each layer's
+  rotation and evaluated them again for every head of q and k, forward and backward (16
+  fusions, 9 ms of a 4-layer training step at 64 px; 1.7 ms as table reads).
   """
   cos, sin = _rope_table(config.max_position_embeddings + 1, config.effective_head_dim,
                          float(config.rope_theta))
